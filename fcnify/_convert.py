@@ -1,0 +1,251 @@
+"""``fcnify.convert``: trace -> find the head -> rewrite -> check other sizes -> verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ._errors import FcnifyError, UnsupportedModelError, VerificationError
+from ._rewrite import MODES, Context, Rewrite, rewrite_head
+from ._trace import describe_node, eval_mode, record_shapes, second_size, trace
+from .rules import DEFAULT_RULES
+from .verify import DEFAULT_RTOL, VerificationReport, example_input
+from .verify import verify as _verify
+
+__all__ = ["convert", "ConversionReport", "resolve_input_size"]
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What :func:`convert` did; attached to the result as ``fcn.conversion_report``.
+
+    Attributes:
+        model: class name of the original model.
+        mode: ``window``, ``dense`` or ``global``.
+        input_size: ``(C, H, W)`` training size.
+        rewrites: each rule applied, node by node (before -> after).
+        checks: per output, the verification that applies (``equal``, ``mean``, ``none``).
+        probe_size: the larger ``(H, W)`` the converted model was run at.
+        probe_output_shapes: its output shapes at ``probe_size``.
+        verification: the :class:`~fcnify.VerificationReport`, when verified.
+        seconds: wall time of the conversion, verification included.
+    """
+
+    model: str
+    mode: str
+    input_size: Tuple[int, int, int]
+    rewrites: List[Rewrite]
+    checks: List[str]
+    probe_size: Tuple[int, int]
+    probe_output_shapes: List[Tuple[int, ...]]
+    verification: Optional[VerificationReport] = None
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        c, h, w = self.input_size
+        lines = [f"{self.model} -> fully convolutional ({self.mode} mode, trained at {c}x{h}x{w})", "head rewrites:"]
+        lines += [f"  {r}" for r in self.rewrites]
+        shapes = ", ".join("x".join(map(str, s)) for s in self.probe_output_shapes)
+        lines.append(f"at {self.probe_size[0]}x{self.probe_size[1]} input: output {shapes}")
+        if self.verification is not None:
+            lines.append(str(self.verification))
+        return "\n".join(lines)
+
+
+def resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]], gm: Optional[fx.GraphModule] = None):
+    """``(C, H, W)`` from ``input_size`` (``(H, W)``, ``(C, H, W)`` or an int) and the model.
+
+    Channels come from timm's ``pretrained_cfg`` or the first convolution; the size, when
+    omitted, from timm's ``pretrained_cfg`` or ``model.fcnify_input_size`` (set by
+    :func:`fcnify.load_model` from torchvision's weight metadata).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg_size = tuple(cfg.get("input_size", ())) or None
+    if input_size is None:
+        input_size = getattr(model, "fcnify_input_size", None) or cfg_size
+        if input_size is None:
+            raise FcnifyError(
+                f"input_size is required for {type(model).__name__}: the model carries no pretrained config "
+                "that names its training size. Hint: fcnify.convert(model, input_size=(224, 224))."
+            )
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) == 3:
+        return input_size
+    if len(input_size) != 2 or min(input_size) < 1:
+        raise FcnifyError(f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}")
+    channels = cfg_size[0] if cfg_size else _first_conv_channels(model, gm)
+    return (channels, *input_size)
+
+
+def _first_conv_channels(model: nn.Module, gm: Optional[fx.GraphModule]) -> int:
+    if gm is not None:
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                for m in gm.get_submodule(node.target).modules():
+                    if isinstance(m, nn.Conv2d):
+                        return m.in_channels
+            if node.op == "call_function" and node.target is torch.nn.functional.conv2d:
+                weight = node.args[1]
+                if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                    w = gm.get_parameter(weight.target)
+                    return w.shape[1] * (node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise FcnifyError(
+        f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d. "
+        "Hint: pass input_size=(C, H, W)."
+    )
+
+
+def convert(
+    model: nn.Module,
+    input_size: Optional[Sequence[int]] = None,
+    mode: str = "window",
+    output_stride: Optional[int] = None,
+    verify: bool = True,
+    rtol: float = DEFAULT_RTOL,
+) -> fx.GraphModule:
+    """Turn a classifier into a fully convolutional network.
+
+    Args:
+        model: any ``nn.Module`` classifier torch.fx can trace; it is not modified.
+        input_size: training size ``(H, W)`` (or ``(C, H, W)``); from the model's
+            pretrained config when omitted.
+        mode: ``"window"`` slides the classifier over the image (at the training size the
+            output is ``(N, K, 1, 1)``); ``"dense"`` predicts at every feature-map cell;
+            ``"global"`` keeps ``(N, K)`` outputs but accepts any input size.
+        output_stride: reserved for finer output maps; only ``None`` for now.
+        verify: compare with the original at the training size and raise
+            :class:`VerificationError` past tolerance.
+        rtol: verification tolerance relative to the largest logit.
+
+    Returns:
+        A ``torch.fx.GraphModule`` taking ``(N, C, H, W)`` for any ``H, W`` at least the
+        training size; ``.conversion_report`` tells what was rewritten and verified.
+
+    Raises:
+        UnsupportedModelError: a part of the model cannot be made convolutional exactly.
+        TraceError: torch.fx cannot trace the model.
+        VerificationError: the result does not match the original.
+
+    Example:
+        >>> import torch, fcnify
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(1, 8, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        ...     torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 10))
+        >>> fcn = fcnify.convert(net, input_size=(28, 28))
+        >>> fcn(torch.randn(1, 1, 28, 28)).shape
+        torch.Size([1, 10, 1, 1])
+        >>> fcn(torch.randn(1, 1, 64, 80)).shape
+        torch.Size([1, 10, 19, 26])
+    """
+    start = time.perf_counter()
+    if mode not in MODES:
+        raise FcnifyError(f"unknown mode {mode!r}. Hint: use one of {', '.join(MODES)}.")
+    if output_stride is not None:
+        raise FcnifyError(
+            f"output_stride={output_stride} is not available yet. Hint: leave output_stride=None "
+            "for the network's native stride."
+        )
+    gm = trace(model)
+    size = resolve_input_size(model, input_size, gm)
+    x = example_input(gm, size)
+    run = record_shapes(gm, x)
+    if run.failed_at is not None:
+        raise FcnifyError(
+            f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
+            f"{describe_node(gm, run.failed_at)}: {run.error}. Hint: check input_size (C, H, W)."
+        ) from run.error
+    probe = second_size(size[1:])
+    x2 = example_input(gm, (size[0], *probe))
+    run2 = record_shapes(gm, x2)
+    ctx = rewrite_head(gm, run, run2, mode, DEFAULT_RULES)
+    if not ctx.rewrites:
+        raise UnsupportedModelError(
+            f"no classifier head found in {type(model).__name__}: no pooling or flatten turns a feature "
+            "map into feature vectors. Hint: the model may already be fully convolutional."
+        )
+    fcn = fx.GraphModule(gm, ctx.graph, f"{type(model).__name__}FCN")
+    fcn.graph.eliminate_dead_code()
+    fcn.graph.lint()
+    fcn.recompile()
+    fcn.delete_all_unused_submodules()
+    checks = _checks(gm, ctx)
+    probe_shapes = _probe(fcn, x2, mode, size[1:])
+    report = ConversionReport(type(model).__name__, mode, size, ctx.rewrites, checks, probe, probe_shapes)
+    fcn.conversion_report = report
+    if verify:
+        report.verification = _verify(model, fcn, size, mode, checks=checks, rtol=rtol)
+        if not report.verification.passed:
+            raise VerificationError(
+                f"the converted {type(model).__name__} does not reproduce the original:\n{report.verification}\n"
+                "Hint: a layer in the head is not applied per position; report it with the rewrites above:\n"
+                + "\n".join(f"  {r}" for r in ctx.rewrites)
+            )
+    fcn.train(model.training)
+    report.seconds = time.perf_counter() - start
+    return fcn
+
+
+def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
+    """Per output leaf: which exact check applies at the training size."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    checks = []
+    for leaf in leaves:
+        info = ctx.lifted(leaf) if isinstance(leaf, fx.Node) else None
+        if ctx.mode != "dense" or info is None or not info.pools:
+            checks.append("equal")
+        elif info.pools == ("avg",) and info.affine:
+            checks.append("mean")
+        else:
+            checks.append("none")
+    return checks
+
+
+def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, int]) -> List[Tuple[int, ...]]:
+    """Run the converted model at a larger size; a node tied to the training size fails here."""
+    run2 = record_shapes(fcn, x2)
+    if run2.failed_at is not None:
+        raise UnsupportedModelError(
+            f"the converted model fails at a {x2.shape[2]}x{x2.shape[3]} input at "
+            f"{describe_node(fcn, run2.failed_at)}: {run2.error}. Hint: this part depends on the "
+            "training size (a position embedding, an interpolation to a fixed size, a Linear over "
+            "positions); fcnify cannot make it size-independent."
+        ) from run2.error
+    output = next(n for n in fcn.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    shapes = [run2.shape(leaf) for leaf in leaves if isinstance(leaf, fx.Node)]
+    if mode != "global":
+        run1 = record_shapes(fcn, x2[:, :, : size[0], : size[1]])
+        for leaf in leaves:
+            if isinstance(leaf, fx.Node) and run1.shape(leaf) == run2.shape(leaf):
+                frozen = _first_frozen(fcn, run1, run2)
+                where = describe_node(fcn, frozen) if frozen is not None else "an unknown node"
+                raise UnsupportedModelError(
+                    f"the output map does not grow with the input: {where} gives the same shape at every "
+                    "input size. Hint: the model resizes its features to a fixed size (an interpolate or "
+                    "adaptive pool to a constant size); remove it before converting."
+                )
+    return shapes
+
+
+def _first_frozen(fcn: fx.GraphModule, run1, run2) -> Optional[fx.Node]:
+    """The first node whose inputs grow with the input size but whose output does not."""
+    grows = set()
+    for node in fcn.graph.nodes:
+        s1, s2 = run1.shape(node), run2.shape(node)
+        if s1 is not None and s1 != s2:
+            grows.add(node)
+        elif any(a in grows for a in node.all_input_nodes) and node.op != "output" and s1 is not None and len(s1) >= 3:
+            return node
+    return None

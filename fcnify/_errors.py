@@ -1,0 +1,35 @@
+"""The exceptions fcnify raises.
+
+Every error says what failed, where (node name, module path, shape) and, after
+``Hint:``, what the user can do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FcnifyError",
+    "UnsupportedModelError",
+    "TraceError",
+    "VerificationError",
+    "ModelLoadError",
+]
+
+
+class FcnifyError(Exception):
+    """Base class of every error fcnify raises on purpose."""
+
+
+class UnsupportedModelError(FcnifyError):
+    """The model has a part that cannot be made fully convolutional exactly."""
+
+
+class TraceError(FcnifyError):
+    """torch.fx could not trace the model."""
+
+
+class VerificationError(FcnifyError):
+    """The converted model does not reproduce the original within tolerance."""
+
+
+class ModelLoadError(FcnifyError):
+    """A model name, model file or weights file could not be loaded."""

@@ -1,0 +1,259 @@
+"""The head rewriter: copies a traced classifier into a graph whose head works on maps.
+
+The body (every node that still leads to a spatial feature map) is copied as it is.
+The head (the nodes after the last spatial feature map) is rewritten node by node:
+each head value that was a feature vector ``(N, F)`` is carried as a map
+``(N, F, H', W')``, one vector per window position, and each op is replaced by the
+op that does the same thing at every position. The rules in :mod:`fcnify.rules`
+say how, one identity each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._errors import UnsupportedModelError
+from ._trace import ShapeRun, describe_node
+
+__all__ = ["Lifted", "Context", "rewrite_head", "MODES"]
+
+MODES = ("window", "dense", "global")
+
+
+@dataclasses.dataclass
+class Lifted:
+    """How a head value of the original graph is carried in the converted graph.
+
+    Attributes:
+        kind: ``"vec"`` for an original ``(N, F)`` vector, carried as ``(N, F, H', W')``
+            (or ``(N, C, H', W')`` when ``kernel`` folds a ``C x h x w`` map into F);
+            ``"flat"`` for a partly flattened map such as ``(N, C, h*w)`` or
+            ``(N, C, 1)``, carried as the 4-d map it came from; ``"map"`` for a 4-d
+            head value (e.g. a pooled ``(N, C, 1, 1)`` map), carried as is.
+        channels: channels of the carried map.
+        kernel: spatial extent ``(h, w)`` that a flatten folded into the features.
+        fold: for an adaptive pool folded into the next Linear, its matrix
+            ``(h_out * w_out, h * w)`` at the training size.
+        axes: spatial axes of a carried map (``(2, 3)`` for NCHW).
+        pool: the global pool this value descends from ("avg", "max", "sum") and
+            whether the value is still an affine function of it (for ``dense``).
+    """
+
+    kind: str
+    channels: int = 0
+    kernel: Tuple[int, int] = (1, 1)
+    fold: Optional[torch.Tensor] = None
+    axes: Tuple[int, int] = (2, 3)
+    pools: Tuple[str, ...] = ()
+    affine: bool = True
+
+    def derive(self, **changes: Any) -> "Lifted":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class Rewrite:
+    """One applied rule: which node, what it was, what it became."""
+
+    rule: str
+    node: str
+    before: str
+    after: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.before} -> {self.after}"
+
+
+class Context:
+    """What a rule sees: shapes, the graph being built, and what each head value is."""
+
+    def __init__(self, gm: fx.GraphModule, run: ShapeRun, run2: ShapeRun, mode: str, head: set):
+        self.gm = gm
+        self.run = run
+        self.run2 = run2
+        self.mode = mode
+        self.head = head
+        self.graph = fx.Graph()
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self.info: Dict[fx.Node, Lifted] = {}
+        self.rewrites: List[Rewrite] = []
+        self.modules = dict(gm.named_modules())
+        self._module_uses: Dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self._module_uses[n.target] = self._module_uses.get(n.target, 0) + 1
+
+    # -- reading the original graph -------------------------------------------------
+    def shape(self, node: Any) -> Optional[Tuple[int, ...]]:
+        return self.run.shape(node) if isinstance(node, fx.Node) else None
+
+    def lifted(self, node: Any) -> Optional[Lifted]:
+        return self.info.get(node) if isinstance(node, fx.Node) else None
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.modules[node.target]
+
+    def describe(self, node: fx.Node) -> str:
+        return describe_node(self.gm, node)
+
+    def spatial_axes(self, node: fx.Node) -> Tuple[int, int]:
+        """Spatial axes of a 4-d value: known for head maps, else those that grow with the input."""
+        info = self.lifted(node)
+        if info is not None and info.kind == "map":
+            return info.axes
+        s1, s2 = self.run.shape(node), self.run2.shape(node)
+        if s1 and s2 and len(s1) == len(s2) == 4 and s1[0] == s2[0]:
+            grown = tuple(i for i in range(1, 4) if s1[i] != s2[i])
+            if len(grown) == 2:
+                return grown  # type: ignore[return-value]
+        return (2, 3)
+
+    # -- building the new graph -----------------------------------------------------
+    def new(self, arg: Any) -> Any:
+        """The converted graph's value for an original argument (nodes, lists, dicts)."""
+        return fx.node.map_arg(arg, lambda n: self.env[n])
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.graph.call_method(name, args, kwargs)
+
+    def to_nchw(self, node: fx.Node, axes: Tuple[int, int]) -> fx.Node:
+        """The new graph's value of ``node`` as an NCHW map, given its spatial axes."""
+        value = self.env[node]
+        if tuple(axes) == (2, 3):
+            return value
+        channel = ({1, 2, 3} - set(axes)).pop()
+        return self.method("permute", value, 0, channel, axes[0], axes[1])
+
+    def replace_module(self, node: fx.Node, module: nn.Module) -> fx.Node:
+        """Call ``module`` in place of the module ``node`` calls; keeps its path when unshared."""
+        target = node.target
+        if self._module_uses.get(target, 0) > 1:
+            target = f"{target}_fcn_{node.name}".replace(".", "_")
+        self.gm.add_submodule(target, module)
+        self.modules[target] = module
+        return self.graph.call_module(target, (self.env[node.args[0]],))
+
+    def constant(self, name: str, value: torch.Tensor) -> fx.Node:
+        """Register ``value`` as a buffer of the converted module and read it in the graph."""
+        target = f"fcnify_{name}"
+        self.gm.register_buffer(target, value)
+        return self.graph.get_attr(target)
+
+    def record(self, rule: str, node: fx.Node, before: str, after: str) -> None:
+        self.rewrites.append(Rewrite(rule, node.name, before, after))
+
+    def unsupported(self, node: fx.Node, reason: str, hint: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"cannot convert {self.describe(node)}: {reason}. Hint: {hint}")
+
+
+def is_spatial_map(shape: Any) -> bool:
+    """A 4-d tensor with more than one position: ``(N, C, h, w)`` with ``h * w > 1``."""
+    return isinstance(shape, tuple) and len(shape) == 4 and sum(d == 1 for d in shape[1:]) <= 1
+
+
+def find_head(gm: fx.GraphModule, run: ShapeRun) -> set:
+    """The head: nodes that lead to no spatial feature map (the rest is the body).
+
+    A squeeze-and-excitation pool feeds back into a map, so it belongs to the body and
+    stays global; the classifier's pool leads only to logits, so it is in the head.
+    """
+    body: set = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "output":
+            continue
+        if is_spatial_map(run.shape(node)) or any(user in body for user in node.users):
+            body.add(node)
+    head = {n for n in gm.graph.nodes if n not in body and n.op not in ("placeholder", "output", "get_attr")}
+    # An adaptive pool that only feeds the head (VGG's AdaptiveAvgPool2d((7, 7))) pins the
+    # last map to one size; it belongs to the head, where it is dropped or folded.
+    for node in reversed(list(gm.graph.nodes)):
+        if node in body and node.users and all(u in head for u in node.users) and _is_adaptive_pool(gm, node):
+            head.add(node)
+    return head
+
+
+def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+    return node.op == "call_function" and node.target in (
+        torch.nn.functional.adaptive_avg_pool2d,
+        torch.nn.functional.adaptive_max_pool2d,
+    )
+
+
+def rewrite_head(gm: fx.GraphModule, run: ShapeRun, run2: ShapeRun, mode: str, rules: Sequence[Any]) -> Context:
+    """Copy ``gm`` into a new graph, rewriting the head with ``rules``; return the context."""
+    head = find_head(gm, run)
+    ctx = Context(gm, run, run2, mode, head)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            ctx.env[node] = ctx.graph.output(_outputs(node, ctx))
+            continue
+        if node not in head:
+            ctx.env[node] = ctx.copy(node)
+            continue
+        for rule in rules:
+            if rule.matches(node, ctx):
+                ctx.env[node] = rule.apply(node, ctx)
+                break
+        else:
+            ctx.env[node] = _default(node, ctx)
+    return ctx
+
+
+def _default(node: fx.Node, ctx: Context) -> fx.Node:
+    """No rule matched: fine for values that carry no lifted input; otherwise refuse."""
+    lifted_inputs = [a for a in node.all_input_nodes if ctx.lifted(a) is not None and ctx.lifted(a).kind != "map"]
+    if lifted_inputs:
+        shape = ctx.shape(lifted_inputs[0])
+        if ctx.lifted(lifted_inputs[0]).kind == "flat" and len(ctx.shape(node) or ()) == 3:
+            raise ctx.unsupported(
+                node,
+                f"it turns the flattened feature map {shape} into a sequence of tokens "
+                f"{ctx.shape(node)}: this is a transformer head (class token or attention), whose logits "
+                "do not come from a spatial map",
+                "a transformer has no per-position classifier; run it on crops, or use a CNN classifier",
+            )
+        raise ctx.unsupported(
+            node,
+            f"no rule knows how to apply it at every position of the feature vector {shape} "
+            f"from node '{lifted_inputs[0].name}'",
+            "fcnify converts Linear, pooling, flatten/reshape, normalisation, activation, "
+            "dropout, softmax and concatenation in the head; write the head with these, or "
+            "convert the body with mode='global' and apply the head yourself",
+        )
+    maps = [ctx.lifted(a) for a in node.all_input_nodes if ctx.lifted(a) is not None]
+    new = ctx.copy(node)
+    if maps and is_map_shape(ctx.shape(node)):
+        ctx.info[node] = maps[0].derive(affine=False)
+    return new
+
+
+def is_map_shape(shape: Any) -> bool:
+    return isinstance(shape, tuple) and len(shape) == 4
+
+
+def _outputs(node: fx.Node, ctx: Context) -> Any:
+    """Map the original outputs; in ``global`` mode, average lifted vectors back to ``(N, K)``."""
+
+    def convert(n: fx.Node) -> fx.Node:
+        info = ctx.lifted(n)
+        value = ctx.env[n]
+        if info is None or info.kind != "vec":
+            return value
+        if ctx.mode == "global":
+            return ctx.method("mean", value, (2, 3))
+        return value
+
+    return fx.node.map_arg(node.args[0], convert)

@@ -1,0 +1,55 @@
+"""Saving a converted model so that it runs at any size without fcnify installed.
+
+``.pt2``: a ``torch.export`` program with dynamic batch, height and width (minimum: the
+training size). Load it with ``torch.export.load(path).module()``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import nn
+from torch.export import Dim
+
+from ._errors import FcnifyError
+from ._trace import second_size
+from .verify import example_input
+
+__all__ = ["save", "export_program"]
+
+
+def export_program(fcn: nn.Module, input_size: Sequence[int]) -> torch.export.ExportedProgram:
+    """``torch.export`` the converted model with symbolic batch, height and width."""
+    c, h, w = input_size
+    example = example_input(fcn, (c, *second_size((h, w))))
+    dims = {0: Dim("batch", min=1), 2: Dim("height", min=h), 3: Dim("width", min=w)}
+    name = next(n.name for n in fcn.graph.nodes if n.op == "placeholder") if hasattr(fcn, "graph") else "x"
+    was_training = fcn.training
+    fcn.eval()
+    try:
+        # Without this, export specialises on the 1x1 map produced at the training size.
+        with fx_config.patch(backed_size_oblivious=True):
+            return torch.export.export(fcn, (example,), dynamic_shapes={name: dims})
+    except Exception as err:
+        raise FcnifyError(
+            f"torch.export could not export the converted model with dynamic sizes: {str(err).splitlines()[0]}. "
+            "Hint: save the module with torch.save instead (needs fcnify to load)."
+        ) from err
+    finally:
+        fcn.train(was_training)
+
+
+def save(fcn: nn.Module, path: str, input_size: Sequence[int]) -> str:
+    """Save ``fcn`` to ``path``; the format follows the extension (``.pt2``)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext != ".pt2":
+        raise FcnifyError(f"cannot save to {path}: unknown format '{ext}'. Hint: use a .pt2 file name.")
+    program = export_program(fcn, input_size)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FcnifyError(f"cannot save to {path}: folder {directory} does not exist. Hint: create it first.")
+    torch.export.save(program, path)
+    return path

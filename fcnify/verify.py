@@ -1,0 +1,165 @@
+"""Numerical verification: does the converted model reproduce the original?
+
+At the training size every mode has an exact check, except ``dense`` after a
+non-linear head, where none exists and the report says so:
+
+* ``window`` -- the ``(N, K, 1, 1)`` map equals the logits;
+* ``global`` -- the ``(N, K)`` output equals the logits;
+* ``dense``  -- the mean of the ``(N, K, h, w)`` map equals the logits when the head
+  after an average pool is affine (class activation maps); a head with a flatten has
+  a 1x1 map equal to the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ._errors import FcnifyError
+from ._trace import eval_mode
+
+__all__ = ["verify", "VerificationReport", "OutputCheck", "DEFAULT_RTOL", "example_input"]
+
+#: Tolerance relative to the largest logit (floored at 1): float32 sums over a few
+#: thousand terms in another order differ by ~1e-6; 1e-4 leaves room for depth.
+DEFAULT_RTOL = 1e-4
+
+_CHECKS = ("equal", "mean", "none")
+
+
+@dataclasses.dataclass
+class OutputCheck:
+    """The comparison of one output of the converted model with the original's."""
+
+    index: int
+    check: str
+    shape: Tuple[int, ...]
+    reference_shape: Tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.check == "none" or self.max_abs_error <= self.tolerance
+
+    def __str__(self) -> str:
+        what = {
+            "equal": "map == logits",
+            "mean": "mean of map == logits",
+            "none": "no exact check applies (non-affine head after pooling); shape checked",
+        }[self.check]
+        line = f"output {self.index}: {tuple(self.shape)} vs {tuple(self.reference_shape)}, {what}"
+        if self.check != "none":
+            line += f": max abs error {self.max_abs_error:.2e} (rel {self.max_rel_error:.2e}, tol {self.tolerance:.1e})"
+        return line + ("" if self.passed else "  FAILED")
+
+
+@dataclasses.dataclass
+class VerificationReport:
+    """Result of :func:`verify`; ``passed`` is True when every exact check holds."""
+
+    mode: str
+    input_size: Tuple[int, ...]
+    outputs: List[OutputCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs if o.check != "none"), default=0.0)
+
+    @property
+    def exact_checks(self) -> int:
+        return sum(o.check != "none" for o in self.outputs)
+
+    def __str__(self) -> str:
+        head = f"verification ({self.mode} mode, input {'x'.join(map(str, self.input_size))}): "
+        head += "passed" if self.passed else "FAILED"
+        return "\n".join([head] + [f"  {o}" for o in self.outputs])
+
+
+def example_input(model: nn.Module, input_size: Sequence[int], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A seeded normal input ``(batch, C, H, W)`` on the model's device and dtype."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=generator).to(device=device, dtype=dtype)
+
+
+def verify(
+    original: nn.Module,
+    converted: nn.Module,
+    input_size: Sequence[int],
+    mode: str = "window",
+    checks: Optional[Sequence[str]] = None,
+    rtol: float = DEFAULT_RTOL,
+    batch: int = 2,
+    seed: int = 0,
+) -> VerificationReport:
+    """Run both models on the same seeded input at the training size and compare.
+
+    Args:
+        original: the classifier.
+        converted: the result of :func:`fcnify.convert`.
+        input_size: ``(C, H, W)`` training size.
+        mode: the conversion mode.
+        checks: per output, ``"equal"``, ``"mean"`` or ``"none"``; by default taken from
+            ``converted.conversion_report``, else ``"equal"`` (``"none"`` in dense mode).
+        rtol: tolerance on the max absolute error, relative to ``max(1, max |logit|)``.
+
+    Returns:
+        A :class:`VerificationReport`; neither model is changed.
+
+    Example:
+        >>> import torch, fcnify
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+        >>> fcn = fcnify.convert(net, input_size=(8, 8), verify=False)
+        >>> fcnify.verify(net, fcn, (3, 8, 8)).passed
+        True
+    """
+    input_size = tuple(input_size)
+    if len(input_size) != 3:
+        raise FcnifyError(f"verify needs input_size as (C, H, W), got {input_size}")
+    x = example_input(original, input_size, batch, seed)
+    with torch.no_grad(), eval_mode(original), eval_mode(converted):
+        reference = original(x)
+        result = converted(x)
+    refs, ref_spec = pytree.tree_flatten(reference)
+    outs, out_spec = pytree.tree_flatten(result)
+    if len(refs) != len(outs):
+        raise FcnifyError(f"the converted model returns {len(outs)} outputs where the original returns {len(refs)}")
+    if checks is None:
+        report = getattr(converted, "conversion_report", None)
+        checks = report.checks if report is not None else ["none" if mode == "dense" else "equal"] * len(refs)
+    results = []
+    for i, (ref, out, check) in enumerate(zip(refs, outs, checks)):
+        results.append(_compare(i, ref, out, check, rtol))
+    return VerificationReport(mode, input_size, results)
+
+
+def _compare(index: int, ref: Any, out: Any, check: str, rtol: float) -> OutputCheck:
+    if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor):
+        same = ref == out
+        return OutputCheck(index, "equal", (), (), 0.0 if same else float("inf"), 0.0, 0.0)
+    ref_f = ref.detach().double()
+    out_f = out.detach().double()
+    if check == "mean":
+        out_f = out_f.mean(dim=(2, 3))
+    elif check == "equal" and out_f.dim() == ref_f.dim() + 2:
+        if tuple(out_f.shape[2:]) != (1, 1):
+            return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), float("inf"), float("inf"), 0.0)
+        out_f = out_f[..., 0, 0]
+    if check == "none" or out_f.shape != ref_f.shape:
+        error = 0.0 if check == "none" and out.dim() == ref.dim() + 2 else float("inf")
+        return OutputCheck(index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0)
+    scale = max(1.0, ref_f.abs().max().item()) if ref_f.numel() else 1.0
+    error = (out_f - ref_f).abs().max().item() if ref_f.numel() else 0.0
+    return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), error, error / scale, rtol * scale)
