@@ -163,7 +163,8 @@ def convert(
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
-            f"{describe_node(gm, run.failed_at)}: {run.error}. Hint: check input_size (C, H, W)."
+            f"{describe_node(gm, run.failed_at)}: {_first_line(run.error)}. Hint: check input_size (C, H, W); "
+            "an input too small for the network's downsampling fails this way."
         ) from run.error
     probe = second_size(size[1:])
     x2 = example_input(gm, (size[0], *probe))
@@ -196,6 +197,10 @@ def convert(
     return fcn
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
     """Per output leaf: which exact check applies at the training size."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -218,7 +223,7 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
     if run2.failed_at is not None:
         raise UnsupportedModelError(
             f"the converted model fails at a {x2.shape[2]}x{x2.shape[3]} input at "
-            f"{describe_node(fcn, run2.failed_at)}: {run2.error}. Hint: this part depends on the "
+            f"{describe_node(fcn, run2.failed_at)}: {_first_line(run2.error)}. Hint: this part depends on the "
             "training size (a position embedding, an interpolation to a fixed size, a Linear over "
             "positions); fcnify cannot make it size-independent."
         ) from run2.error

@@ -253,6 +253,8 @@ def _outputs(node: fx.Node, ctx: Context) -> Any:
         if info is None or info.kind != "vec":
             return value
         if ctx.mode == "global":
+            if not info.pools:
+                ctx.record("WindowLogitsToGlobal", n, "logits of one window", "mean of the window logits")
             return ctx.method("mean", value, (2, 3))
         return value
 

@@ -3,7 +3,7 @@
 Identity: for ``v = x[:, :, i, j]``, ``softmax(v, dim=-1) == softmax(x, dim=1)[:, :, i, j]``;
 likewise ``log_softmax``, ``cat``, ``normalize``, reductions over features with
 ``keepdim=True`` and slices ``v[:, a:b]``. Axis 1 or -1 of a vector becomes axis 1.
-Shape queries (``x.size(0)``) read the same axes of the map.
+Shape queries (``x.size(0)``, ``x.shape[0]``) read the same axes of the map.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class FeatureDimToChannel:
         if not node.args or _vector(node.args[0], ctx) is None:
             return False
         if node.op == "call_function":
+            if node.target is getattr:
+                return node.args[1] == "shape"
             return node.target in _DIM_FUNCTIONS or node.target is operator.getitem
         return node.op == "call_method" and (node.target in _DIM_METHODS or node.target in _REDUCE or node.target == "size")
 
@@ -69,6 +71,8 @@ class FeatureDimToChannel:
         info = _vector(node.args[0], ctx)
         if node.target is operator.getitem:
             return self._getitem(node, info, ctx)
+        if node.target is getattr:  # x.shape of (N, F) is the first two axes of the map
+            return ctx.call(operator.getitem, ctx.call(getattr, ctx.env[node.args[0]], "shape"), slice(None, 2))
         if node.op == "call_method" and node.target == "size":
             dim = arg(node, 1, "dim")
             new_dim = dim if dim is None or dim in (0, 1) else {-1: 1, -2: 0}.get(dim, dim)

@@ -43,9 +43,11 @@ class LinearToConv:
         kernel = info.kernel
         features = ctx.shape(src)[1]
         out = ctx.shape(node)[1]
-        if features != info.channels * kernel[0] * kernel[1]:
+        # a folded adaptive pool hands the Linear its output positions, not the map's
+        positions = kernel[0] * kernel[1] if info.fold is None else info.fold.shape[0]
+        if features != info.channels * positions:
             raise ctx.unsupported(
-                node, f"it reads {features} features, not the {info.channels}x{kernel[0]}x{kernel[1]} of the map",
+                node, f"it reads {features} features, not the {info.channels}x{positions} of the map",
                 "report this model to fcnify's issue tracker",
             )
         if node.op == "call_module":
