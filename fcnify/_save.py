@@ -2,6 +2,8 @@
 
 ``.pt2``: a ``torch.export`` program with dynamic batch, height and width (minimum: the
 training size). Load it with ``torch.export.load(path).module()``.
+
+``.onnx``: :func:`fcnify.export_onnx`, validated in ONNX Runtime at three sizes.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ def export_program(fcn: nn.Module, input_size: Sequence[int]) -> torch.export.Ex
     c, h, w = input_size
     example = example_input(fcn, (c, *second_size((h, w))))
     dims = {0: Dim("batch", min=1), 2: Dim("height", min=h), 3: Dim("width", min=w)}
-    name = next(n.name for n in fcn.graph.nodes if n.op == "placeholder") if hasattr(fcn, "graph") else "x"
     was_training = fcn.training
     fcn.eval()
     try:
         # Without this, export specialises on the 1x1 map produced at the training size.
         with fx_config.patch(backed_size_oblivious=True):
-            return torch.export.export(fcn, (example,), dynamic_shapes={name: dims})
+            return torch.export.export(fcn, (example,), dynamic_shapes=(dims,))
     except Exception as err:
         raise FcnifyError(
             f"torch.export could not export the converted model with dynamic sizes: {str(err).splitlines()[0]}. "
@@ -43,10 +44,15 @@ def export_program(fcn: nn.Module, input_size: Sequence[int]) -> torch.export.Ex
 
 
 def save(fcn: nn.Module, path: str, input_size: Sequence[int]) -> str:
-    """Save ``fcn`` to ``path``; the format follows the extension (``.pt2``)."""
+    """Save ``fcn`` to ``path``; the format follows the extension (``.pt2`` or ``.onnx``)."""
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        from .onnx import export_onnx
+
+        export_onnx(fcn, path, input_size)
+        return path
     if ext != ".pt2":
-        raise FcnifyError(f"cannot save to {path}: unknown format '{ext}'. Hint: use a .pt2 file name.")
+        raise FcnifyError(f"cannot save to {path}: unknown format '{ext}'. Hint: use a .pt2 or .onnx file name.")
     program = export_program(fcn, input_size)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):

@@ -135,7 +135,7 @@ class GlobalPoolToWindowPool:
                 value = ctx.method("sum", value, (2, 3), keepdim=True)
             after = f"adaptive {kind} pool to 1x1 (any input size)"
         ctx.record(self.name, node, described, after)
-        pools = (info.pools if info is not None else ()) + (kind,)
+        pools = tuple(sorted({*(info.pools if info is not None else ()), kind}))
         if keepdim and not (info is not None and info.kind == "flat"):
             if tuple(axes) != (2, 3):  # back to the layout the head expects
                 order = [0, 0, 0, 0]
