@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._errors import ModelLoadError
+from ._lite0 import LITE0_NAME, load_lite0
 
 __all__ = ["load_model", "load_weights"]
 
@@ -41,7 +42,8 @@ def load_model(
 
     Args:
         name: ``resnet50`` (torchvision first, then timm), ``timm/resnet50``,
-            ``torchvision/resnet50``, or a path to a ``torch.save``-d model.
+            ``torchvision/resnet50``, a path to a ``torch.save``-d model, or
+            ``efficientnet_lite0_imagenet``: real ImageNet weights from the ``demo`` extra.
         pretrained: load the library's own pretrained weights (needs internet or a
             filled cache: torchvision's hub cache, Hugging Face's for timm).
         weights: a local state-dict file (``.pth``, ``.pt``, ``.safetensors``).
@@ -57,6 +59,8 @@ def load_model(
     if os.path.exists(name):
         model = _load_model_file(name)
         size = None
+    elif name == LITE0_NAME:
+        model, size = load_lite0(), (224, 224)
     else:
         library, bare = _resolve(name)
         model, size = (_torchvision if library == "torchvision" else _timm)(bare, pretrained)
