@@ -18,7 +18,7 @@ from .rules import DEFAULT_RULES
 from .verify import DEFAULT_RTOL, VerificationReport, example_input
 from .verify import verify as _verify
 
-__all__ = ["convert", "ConversionReport", "resolve_input_size"]
+__all__ = ["convert", "ConversionReport", "resolve_input_size", "prepare", "build", "Traced"]
 
 
 @dataclasses.dataclass
@@ -35,6 +35,8 @@ class ConversionReport:
         probe_output_shapes: its output shapes at ``probe_size``.
         verification: the :class:`~fcnify.VerificationReport`, when verified.
         seconds: wall time of the conversion, verification included.
+        output_stride: the stride asked for with ``output_stride`` (None: the native one).
+        stride_changes: the layers whose stride or dilation changed for it.
     """
 
     model: str
@@ -46,6 +48,8 @@ class ConversionReport:
     probe_output_shapes: List[Tuple[int, ...]]
     verification: Optional[VerificationReport] = None
     seconds: float = 0.0
+    output_stride: Optional[int] = None
+    stride_changes: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         c, h, w = self.input_size
@@ -55,6 +59,9 @@ class ConversionReport:
         lines.append(f"at {self.probe_size[0]}x{self.probe_size[1]} input: output {shapes}")
         if self.verification is not None:
             lines.append(str(self.verification))
+        if self.output_stride is not None:
+            lines.append(f"output stride {self.output_stride}: {len(self.stride_changes)} layers changed")
+            lines += [f"  {c}" for c in self.stride_changes]
         return "\n".join(lines)
 
 
@@ -123,7 +130,10 @@ def convert(
         mode: ``"window"`` slides the classifier over the image (at the training size the
             output is ``(N, K, 1, 1)``); ``"dense"`` predicts at every feature-map cell;
             ``"global"`` keeps ``(N, K)`` outputs but accepts any input size.
-        output_stride: reserved for finer output maps; only ``None`` for now.
+        output_stride: a finer stride for the output map (window and dense modes): any
+            divisor of the native stride (32 -> 16, 8, 4, 2, 1). Strides of the last layers are
+            removed and later layers dilated; every native cell is unchanged (verified), and
+            without padding the map equals the classifier on every crop at this stride.
         verify: compare with the original at the training size and raise
             :class:`VerificationError` past tolerance.
         rtol: verification tolerance relative to the largest logit.
@@ -149,16 +159,52 @@ def convert(
         torch.Size([1, 10, 19, 26])
     """
     start = time.perf_counter()
-    if mode not in MODES:
-        raise FcnifyError(f"unknown mode {mode!r}. Hint: use one of {', '.join(MODES)}.")
+    traced = prepare(model, input_size, modes=(mode,), output_stride=output_stride)
+    fcn = build(model, traced, mode, verify=verify, rtol=rtol)
     if output_stride is not None:
+        from ._stride import with_output_stride
+
+        fcn = with_output_stride(fcn, output_stride, traced.x2, verify, rtol)
+    fcn.conversion_report.seconds = time.perf_counter() - start
+    return fcn
+
+
+@dataclasses.dataclass
+class Traced:
+    """A traced classifier with its shapes at the training size and at a larger probe size.
+
+    One ``Traced`` can be rewritten in every mode: :func:`build` never changes it.
+    """
+
+    gm: fx.GraphModule
+    size: Tuple[int, int, int]
+    run: Any
+    run2: Any
+    probe: Tuple[int, int]
+    x2: torch.Tensor
+
+
+def prepare(
+    model: nn.Module,
+    input_size: Optional[Sequence[int]] = None,
+    modes: Sequence[str] = MODES,
+    output_stride: Optional[int] = None,
+    batch: int = 2,
+) -> Traced:
+    """Trace ``model`` and run it at the training size and at the probe size (first half of convert).
+
+    ``batch`` is the batch of the example inputs (2 by default; 1 makes a sweep cheaper).
+    """
+    for mode in modes:
+        if mode not in MODES:
+            raise FcnifyError(f"unknown mode {mode!r}. Hint: use one of {', '.join(MODES)}.")
+    if output_stride is not None and (isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride < 1):
         raise FcnifyError(
-            f"output_stride={output_stride} is not available yet. Hint: leave output_stride=None "
-            "for the network's native stride."
+            f"output_stride must be a positive integer, got {output_stride!r}. Hint: output_stride=16, 8, 4, 2 or 1."
         )
     gm = trace(model)
     size = resolve_input_size(model, input_size, gm)
-    x = example_input(gm, size)
+    x = example_input(gm, size, batch)
     run = record_shapes(gm, x)
     if run.failed_at is not None:
         raise FcnifyError(
@@ -167,34 +213,69 @@ def convert(
             "an input too small for the network's downsampling fails this way."
         ) from run.error
     probe = second_size(size[1:])
-    x2 = example_input(gm, (size[0], *probe))
+    x2 = example_input(gm, (size[0], *probe), batch)
     run2 = record_shapes(gm, x2)
-    ctx = rewrite_head(gm, run, run2, mode, DEFAULT_RULES)
+    return Traced(gm, size, run, run2, probe, x2)
+
+
+def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol: float = DEFAULT_RTOL) -> fx.GraphModule:
+    """Rewrite ``traced`` in ``mode``, probe it at the larger size and verify it (second half of convert)."""
+    start = time.perf_counter()
+    gm, size = traced.gm, traced.size
+    ctx = rewrite_head(gm, traced.run, traced.run2, mode, DEFAULT_RULES)
     if not ctx.rewrites:
+        tokens = next((n for n in gm.graph.nodes if n in ctx.head and _is_token_sequence(traced.run.shape(n))), None)
+        if tokens is not None:
+            raise UnsupportedModelError(
+                f"cannot convert {type(model).__name__}: its logits come from a sequence of tokens "
+                f"{traced.run.shape(tokens)} at {describe_node(gm, tokens)}, not from a pooled or flattened "
+                "spatial feature map (a class-token or attention-pooling head of a transformer). Hint: there is "
+                "no per-position classifier to extract; run the model on crops, or use a CNN classifier."
+            )
+        if traced.run2.failed_at is not None:  # the head is not found because the probe run stopped early
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not run at a {traced.probe[0]}x{traced.probe[1]} input: "
+                f"{describe_node(gm, traced.run2.failed_at)} fails with: {_first_line(traced.run2.error)}. "
+                "Hint: the model is built for one input size (a fixed patch grid, position embedding or "
+                "attention window); build it for dynamic sizes if the library allows it (timm: "
+                "dynamic_img_size=True or strict_img_size=False), then convert."
+            ) from traced.run2.error
         raise UnsupportedModelError(
             f"no classifier head found in {type(model).__name__}: no pooling or flatten turns a feature "
             "map into feature vectors. Hint: the model may already be fully convolutional."
         )
-    fcn = fx.GraphModule(gm, ctx.graph, f"{type(model).__name__}FCN")
+    fcn = fx.GraphModule(ctx.attributes(), ctx.graph, f"{type(model).__name__}FCN")
+    fcn.train(False)
     fcn.graph.eliminate_dead_code()
     fcn.graph.lint()
     fcn.recompile()
     fcn.delete_all_unused_submodules()
     checks = _checks(gm, ctx)
-    probe_shapes = _probe(fcn, x2, mode, size[1:])
-    report = ConversionReport(type(model).__name__, mode, size, ctx.rewrites, checks, probe, probe_shapes)
+    probe_shapes = _probe(fcn, traced.x2, mode, size[1:])
+    report = ConversionReport(type(model).__name__, mode, size, ctx.rewrites, checks, traced.probe, probe_shapes)
     fcn.conversion_report = report
     if verify:
-        report.verification = _verify(model, fcn, size, mode, checks=checks, rtol=rtol)
+        report.verification = _verify(model, fcn, size, mode, checks=checks, rtol=rtol, batch=traced.x2.shape[0])
         if not report.verification.passed:
             raise VerificationError(
                 f"the converted {type(model).__name__} does not reproduce the original:\n{report.verification}\n"
                 "Hint: a layer in the head is not applied per position; report it with the rewrites above:\n"
                 + "\n".join(f"  {r}" for r in ctx.rewrites)
             )
-    fcn.train(model.training)
+    _restore_training(fcn, model)
     report.seconds = time.perf_counter() - start
     return fcn
+
+
+def _is_token_sequence(shape: Any) -> bool:
+    return isinstance(shape, tuple) and len(shape) == 3 and shape[1] > 1
+
+
+def _restore_training(fcn: nn.Module, model: nn.Module) -> None:
+    """Give each module of ``fcn`` the training flag of the module at its path in ``model``."""
+    flags = {name: m.training for name, m in model.named_modules()}
+    for name, m in fcn.named_modules():
+        m.training = flags.get(name, model.training)
 
 
 def _first_line(err: BaseException) -> str:

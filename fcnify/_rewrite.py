@@ -42,6 +42,10 @@ class Lifted:
         axes: spatial axes of a carried map (``(2, 3)`` for NCHW).
         pool: the global pool this value descends from ("avg", "max", "sum") and
             whether the value is still an affine function of it (for ``dense``).
+        stacked: for the output of an adaptive pool to ``P = oh * ow`` positions applied at
+            every window, ``P``: the map is carried as ``(N, C, P * H', W')``, the pooled
+            positions stacked along the height, so that per-position layers (1x1 conv,
+            norm, activation) apply unchanged; a flatten unstacks them into channels.
     """
 
     kind: str
@@ -51,6 +55,7 @@ class Lifted:
     axes: Tuple[int, int] = (2, 3)
     pools: Tuple[str, ...] = ()
     affine: bool = True
+    stacked: int = 1
 
     def derive(self, **changes: Any) -> "Lifted":
         return dataclasses.replace(self, **changes)
@@ -83,6 +88,9 @@ class Context:
         self.info: Dict[fx.Node, Lifted] = {}
         self.rewrites: List[Rewrite] = []
         self.modules = dict(gm.named_modules())
+        #: modules and buffers the rewrite adds, by target; ``gm`` itself is never changed,
+        #: so that one trace can be rewritten in several modes.
+        self.added: Dict[str, Any] = {}
         self._module_uses: Dict[str, int] = {}
         for n in gm.graph.nodes:
             if n.op == "call_module":
@@ -140,15 +148,23 @@ class Context:
         target = node.target
         if self._module_uses.get(target, 0) > 1:
             target = f"{target}_fcn_{node.name}".replace(".", "_")
-        self.gm.add_submodule(target, module)
+        self.added[target] = module
         self.modules[target] = module
         return self.graph.call_module(target, (self.env[node.args[0]],))
 
     def constant(self, name: str, value: torch.Tensor) -> fx.Node:
         """Register ``value`` as a buffer of the converted module and read it in the graph."""
         target = f"fcnify_{name}"
-        self.gm.register_buffer(target, value)
+        self.added[target] = value
         return self.graph.get_attr(target)
+
+    def attributes(self) -> Dict[str, Any]:
+        """Every module and tensor the new graph reads, by target: a root for ``fx.GraphModule``."""
+        found: Dict[str, Any] = {}
+        for node in self.graph.nodes:
+            if node.op in ("call_module", "get_attr") and node.target not in found:
+                found[node.target] = self.added[node.target] if node.target in self.added else _fetch(self.gm, node.target)
+        return found
 
     def record(self, rule: str, node: fx.Node, before: str, after: str) -> None:
         self.rewrites.append(Rewrite(rule, node.name, before, after))
@@ -157,12 +173,19 @@ class Context:
         return UnsupportedModelError(f"cannot convert {self.describe(node)}: {reason}. Hint: {hint}")
 
 
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def is_spatial_map(shape: Any) -> bool:
     """A 4-d tensor with more than one position: ``(N, C, h, w)`` with ``h * w > 1``."""
     return isinstance(shape, tuple) and len(shape) == 4 and sum(d == 1 for d in shape[1:]) <= 1
 
 
-def find_head(gm: fx.GraphModule, run: ShapeRun) -> set:
+def find_head(gm: fx.GraphModule, run: ShapeRun, run2: Optional[ShapeRun] = None) -> set:
     """The head: nodes that lead to no spatial feature map (the rest is the body).
 
     A squeeze-and-excitation pool feeds back into a map, so it belongs to the body and
@@ -176,11 +199,32 @@ def find_head(gm: fx.GraphModule, run: ShapeRun) -> set:
             body.add(node)
     head = {n for n in gm.graph.nodes if n not in body and n.op not in ("placeholder", "output", "get_attr")}
     # An adaptive pool that only feeds the head (VGG's AdaptiveAvgPool2d((7, 7))) pins the
-    # last map to one size; it belongs to the head, where it is dropped or folded.
+    # last map to one size; it belongs to the head, where it is dropped or folded. So do the
+    # per-position layers between such a pool and the flatten (GoogLeNet's auxiliary heads:
+    # adaptive pool to 4x4, 1x1 conv, flatten): their maps do not grow with the input either.
     for node in reversed(list(gm.graph.nodes)):
-        if node in body and node.users and all(u in head for u in node.users) and _is_adaptive_pool(gm, node):
-            head.add(node)
+        if node in body and node.users and all(u in head for u in node.users):
+            if _is_adaptive_pool(gm, node) or (_is_frozen(node, run, run2) and _follows_adaptive_pool(gm, node)):
+                head.add(node)
     return head
+
+
+def _is_frozen(node: fx.Node, run: ShapeRun, run2: Optional[ShapeRun]) -> bool:
+    """A 4-d map with the same shape at both input sizes."""
+    s1 = run.shape(node)
+    s2 = run2.shape(node) if run2 is not None else None
+    return s1 is not None and len(s1) == 4 and s1 == s2
+
+
+def _follows_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` descends from an adaptive pool through single-input layers."""
+    while True:
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+        if _is_adaptive_pool(gm, node):
+            return True
 
 
 def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -194,7 +238,7 @@ def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def rewrite_head(gm: fx.GraphModule, run: ShapeRun, run2: ShapeRun, mode: str, rules: Sequence[Any]) -> Context:
     """Copy ``gm`` into a new graph, rewriting the head with ``rules``; return the context."""
-    head = find_head(gm, run)
+    head = find_head(gm, run, run2)
     ctx = Context(gm, run, run2, mode, head)
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -234,10 +278,27 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
             "convert the body with mode='global' and apply the head yourself",
         )
     maps = [ctx.lifted(a) for a in node.all_input_nodes if ctx.lifted(a) is not None]
+    if any(m.stacked > 1 for m in maps) and not _per_position(node, ctx):
+        raise ctx.unsupported(
+            node,
+            "it mixes positions of the output of an adaptive pool to a fixed size; only per-position "
+            "layers (1x1 convolutions, normalisations, activations) can follow it at every window",
+            "convert at an input size where the adaptive pool is the identity, or pool to 1x1",
+        )
     new = ctx.copy(node)
     if maps and is_map_shape(ctx.shape(node)):
         ctx.info[node] = maps[0].derive(affine=False)
     return new
+
+
+def _per_position(node: fx.Node, ctx: Context) -> bool:
+    """A module that acts on each position of a map on its own: a 1x1 convolution or a norm."""
+    if node.op != "call_module":
+        return False
+    m = ctx.module(node)
+    if isinstance(m, nn.Conv2d):
+        return m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding in ((0, 0), "valid")
+    return isinstance(m, (nn.BatchNorm2d, nn.Identity))
 
 
 def is_map_shape(shape: Any) -> bool:

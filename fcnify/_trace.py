@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -94,7 +95,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     work = copy.deepcopy(model).eval()
     tracer = _Tracer()
     try:
-        graph = tracer.trace(work)
+        graph = tracer.trace(work, concrete_args=_optional_inputs(work))
     except Exception as err:  # fx raises many kinds of errors while tracing
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}. "
@@ -104,6 +105,22 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from err
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _optional_inputs(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """Forward arguments after the image that default to None (Hiera's ``mask``): traced as None.
+
+    Left symbolic, ``if mask is not None`` would be taken with a placeholder standing for None.
+    """
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    optional = {
+        p.name: None for p in parameters[1:]
+        if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return optional or None
 
 
 def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -371,11 +371,22 @@ def test_folded_pool_followed_by_a_non_linear_op_is_refused():
         fcnify.convert(model, (size, size))
 
 
-def test_adaptive_pool_to_a_fixed_map_in_the_body_is_refused():
-    """Followed by a map op, the adaptive pool stays in the body and pins the output size."""
+def test_adaptive_pool_followed_by_per_position_layers_is_stacked():
+    """Pool, 1x1 conv, ReLU, flatten, Linear (GoogLeNet's aux head): every window's pooled cells."""
     model, size = _vgg(map_size=8, out=(4, 4))
-    model.neck = nn.Sequential(nn.AdaptiveAvgPool2d((4, 4)), nn.ReLU())
-    with pytest.raises(UnsupportedModelError, match=r"does not grow.*node 'neck_0'.*Hint:"):
+    model.neck = prepare(nn.Sequential(nn.AdaptiveAvgPool2d((4, 4)), nn.Conv2d(FEAT, FEAT, 1), nn.ReLU()))
+    fcn = fcnify.convert(model, (size, size))
+    assert any("depthwise" in r.after for r in fcn.conversion_report.rewrites)
+    x = torch.randn(2, C, size + 3, size + 4)
+    with torch.no_grad():
+        assert_close(fcn(x), crops(model, x, 1, (size, size)))
+
+
+def test_adaptive_pool_followed_by_a_map_op_is_refused():
+    """Followed by an op that mixes positions, the pooled map has no per-window equivalent."""
+    model, size = _vgg(map_size=8, out=(4, 4))
+    model.neck = prepare(nn.Sequential(nn.AdaptiveAvgPool2d((4, 4)), nn.Conv2d(FEAT, FEAT, 3, padding=1)))
+    with pytest.raises(UnsupportedModelError, match=r"node 'neck_1'.*mixes positions.*Hint:"):
         fcnify.convert(model, (size, size))
 
 

@@ -11,6 +11,7 @@ is recognised by its shapes at the training size: ``torch.flatten``, ``nn.Flatte
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -80,6 +81,8 @@ class FlattenToIdentity:
         if len(after) == 4:
             ctx.info[node] = info
             return ctx.env[src]
+        if info is not None and info.stacked > 1:
+            return self._unstack(node, src, info, ctx)
         axes = ctx.spatial_axes(src)
         channel = ({1, 2, 3} - set(axes)).pop()
         if info is not None and info.fold is not None:
@@ -115,4 +118,21 @@ class FlattenToIdentity:
             ctx.record(
                 self.name, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)"
             )
+        return value
+
+    def _unstack(self, node: fx.Node, src: fx.Node, info, ctx: Context) -> fx.Node:
+        """``(N, C, P * H', W')`` -> ``(N, C * P, H', W')``: the order of ``flatten(x[C, oh, ow])``."""
+        before, after = ctx.shape(src), ctx.shape(node)
+        if len(after) != 2:
+            raise ctx.unsupported(
+                node, f"it reshapes the pooled map {before} to {after}", "flatten the pooled map with x.flatten(1)"
+            )
+        value = ctx.env[src]
+        shape = ctx.call(getattr, value, "shape")
+        n, h, w = (ctx.call(operator.getitem, shape, i) for i in (0, 2, 3))
+        height = ctx.call(operator.floordiv, h, info.stacked)
+        value = ctx.method("reshape", value, n, before[1] * info.stacked, height, w)
+        ctx.info[node] = Lifted(kind="vec", channels=before[1] * info.stacked, pools=info.pools, affine=info.affine)
+        ctx.record(self.name, node, f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})",
+                   "pooled positions moved into channels")
         return value

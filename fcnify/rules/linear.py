@@ -52,8 +52,11 @@ class LinearToConv:
             )
         if node.op == "call_module":
             linear = ctx.module(node)
-            conv = nn.Conv2d(info.channels, out, kernel, bias=linear.bias is not None)
-            conv = conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            # skip_init: the weights are overwritten below; a random init of a large kernel costs seconds
+            conv = nn.utils.skip_init(
+                nn.Conv2d, info.channels, out, kernel, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype,
+            )
             with torch.no_grad():
                 conv.weight.copy_(_conv_weight(linear.weight.detach(), info, kernel))
                 if linear.bias is not None:

@@ -13,6 +13,7 @@ the next Linear: ``W[k, c, o] -> sum_o W[k, c, o] P[o, p]``.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -150,6 +151,12 @@ class GlobalPoolToWindowPool:
         return value
 
 
+def _is_flatten(node: fx.Node, ctx: Context) -> bool:
+    if node.op == "call_module":
+        return isinstance(ctx.module(node), nn.Flatten)
+    return is_call(node, (torch.flatten, torch.reshape), ("view", "reshape", "flatten"))
+
+
 class AdaptivePoolFold:
     name = "AdaptivePoolFold"
 
@@ -183,6 +190,8 @@ class AdaptivePoolFold:
         positions = size[0] * size[1]
         basis = torch.eye(positions).view(positions, 1, *size)
         fold = F.adaptive_avg_pool2d(basis, out_size).reshape(positions, -1).t().contiguous()
+        if not all(_is_flatten(user, ctx) for user in node.users):
+            return self._stack(node, src, fold, size, out_size, ctx)
         ctx.record(
             self.name,
             node,
@@ -191,3 +200,26 @@ class AdaptivePoolFold:
         )
         ctx.info[node] = Lifted(kind="map", channels=shape[1], kernel=size, fold=fold, axes=(2, 3))
         return ctx.env[src]
+
+    def _stack(self, node: fx.Node, src: fx.Node, fold: torch.Tensor, size, out_size, ctx: Context) -> fx.Node:
+        """Pool every window at once: a depthwise conv whose kernels are the rows of ``P``.
+
+        ``y[c, o, i, j] = sum_p P[o, p] x[c, i + p_h, j + p_w]``, carried as
+        ``(N, C, O * H', W')`` so that the per-position layers that follow apply unchanged.
+        """
+        channels = ctx.shape(src)[1]
+        outputs = fold.shape[0]
+        weight = fold.reshape(1, outputs, 1, *size).expand(channels, -1, -1, -1, -1)
+        weight = ctx.constant(f"pool_{node.name}", weight.reshape(channels * outputs, 1, *size).contiguous())
+        value = ctx.env[src]
+        weight = ctx.method("to", weight, value)
+        value = ctx.call(F.conv2d, value, weight, None, 1, 0, 1, channels)
+        shape = ctx.call(getattr, value, "shape")
+        n, h, w = (ctx.call(operator.getitem, shape, i) for i in (0, 2, 3))
+        value = ctx.method("reshape", value, n, channels, ctx.call(operator.mul, h, outputs), w)
+        ctx.record(
+            self.name, node, f"adaptive avg pool {size[0]}x{size[1]} -> {out_size[0]}x{out_size[1]}",
+            f"depthwise conv2d({size[0]}x{size[1]}) giving the {outputs} pooled positions of every window",
+        )
+        ctx.info[node] = Lifted(kind="map", channels=channels, kernel=tuple(out_size), axes=(2, 3), stacked=outputs)
+        return value
