@@ -12,6 +12,7 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "ModelLoadError",
+    "ExportError",
 ]
 
 
@@ -33,3 +34,7 @@ class VerificationError(FcnifyError):
 
 class ModelLoadError(FcnifyError):
     """A model name, model file or weights file could not be loaded."""
+
+
+class ExportError(FcnifyError):
+    """Exporting to ONNX failed, or the exported file does not reproduce the model at some size."""

@@ -1,0 +1,240 @@
+"""ONNX export with symbolic batch, height and width, proven in ONNX Runtime.
+
+Every export is validated by fcnify itself; the tests also read the file's dims with
+``onnx`` and run ONNX Runtime at a size fcnify did not validate, so that a broken
+validator cannot pass silently.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fcnify
+from fcnify.cli import main
+
+pytestmark = pytest.mark.onnx
+
+
+class LeNet(nn.Module):
+    """LeNet-5 with the hard-coded ``view(-1, 16 * 5 * 5)`` of the PyTorch tutorial."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = x.view(-1, 16 * 5 * 5)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+@pytest.fixture(scope="module")
+def lenet_fcn():
+    return fcnify.convert(LeNet().eval(), input_size=(32, 32))
+
+
+def calibrate(model):
+    """Batch-norm statistics from one random batch, so that random-weight outputs are O(1).
+
+    With torchvision's initialisation EfficientNet's logits are ~1e-14, and any export would
+    pass a comparison with them.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 224, 224))
+    return model.eval()
+
+
+def onnx_dims(path):
+    """``(input dims, [output dims])`` read from the file, symbolic dims as their names."""
+    model = onnx.load(path, load_external_data=False)
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return dims(model.graph.input[0]), [dims(o) for o in model.graph.output]
+
+
+def assert_symbolic(path, batch=True):
+    inputs, outputs = onnx_dims(path)
+    axes = [0, 2, 3] if batch else [2, 3]
+    assert all(isinstance(inputs[a], str) and inputs[a] for a in axes), inputs
+    for out in outputs:
+        assert len(out) == 4 and all(isinstance(out[a], str) and out[a] for a in axes), out
+
+
+def run_ort(path, x):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def assert_matches_at(fcn, path, size, channels=3):
+    """ONNX Runtime equals PyTorch at a size fcnify's validation did not use."""
+    x = torch.randn(1, channels, *size)
+    with torch.no_grad():
+        ref = fcn(x).numpy()
+    out = run_ort(path, x)
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    return np.abs(ref).max()
+
+
+def test_lenet_with_hard_coded_view_exports_with_symbolic_dims(lenet_fcn, tmp_path):
+    path = str(tmp_path / "lenet.onnx")
+    report = fcnify.export_onnx(lenet_fcn, path)
+    assert report.passed and report.sizes == [(32, 32), (96, 160), (65, 97)]
+    assert [c.batch for c in report.checks] == [2, 1, 1]
+    assert report.max_abs_error < 1e-5 and report.external_data is None
+    assert report.input_shape == ["batch", 1, "height", "width"]
+    assert_symbolic(path)
+    assert_matches_at(lenet_fcn, path, (47, 120), channels=1)
+    x = torch.randn(3, 1, 40, 36)  # a batch of 3 was never validated
+    assert run_ort(path, x).shape == (3, 10, 3, 2)
+    assert "validated in ONNX Runtime against PyTorch at 3 sizes" in str(report)
+
+
+def test_static_batch_and_opset(lenet_fcn, tmp_path):
+    path = str(tmp_path / "lenet.onnx")
+    report = fcnify.export_onnx(lenet_fcn, path, opset=18, dynamic_batch=False, validate_sizes=[(32, 32), (41, 77)])
+    assert report.opset == 18 and report.sizes == [(32, 32), (41, 77)]
+    inputs, outputs = onnx_dims(path)
+    assert inputs[0] == 1 and outputs[0][0] == 1
+    assert_symbolic(path, batch=False)
+
+
+def test_weights_go_to_external_data_for_large_models(lenet_fcn, tmp_path, monkeypatch):
+    import fcnify.onnx
+
+    monkeypatch.setattr(fcnify.onnx, "_EXTERNAL_DATA_BYTES", 0)  # pretend LeNet is over 2 GB
+    path = str(tmp_path / "lenet.onnx")
+    report = fcnify.export_onnx(lenet_fcn, path)
+    assert report.external_data == path + ".data" and os.path.getsize(report.external_data) > 200_000
+    assert os.path.getsize(path) < 100_000 and report.passed
+    assert_matches_at(lenet_fcn, path, (50, 33), channels=1)
+
+
+def test_simplify_with_onnxslim_is_validated_again(lenet_fcn, tmp_path):
+    pytest.importorskip("onnxslim")
+    path = str(tmp_path / "lenet.onnx")
+    report = fcnify.export_onnx(lenet_fcn, path, simplify=True)
+    assert report.simplified and report.passed and len(report.sizes) == 3
+    assert_symbolic(path)
+    assert_matches_at(lenet_fcn, path, (44, 59), channels=1)
+
+
+def test_a_mismatch_with_pytorch_is_an_error(tmp_path):
+    model = LeNet().eval()
+    fcn = fcnify.convert(model, input_size=(32, 32))
+    path = str(tmp_path / "lenet.onnx")
+    fcnify.export_onnx(fcn, path, validate_sizes=[])
+    with torch.no_grad():
+        fcn.fc3.bias.add_(1.0)  # the PyTorch model no longer matches the file
+    with pytest.raises(fcnify.ExportError, match=r"disagrees with PyTorch at input 2x1x32x32 .*max abs error"):
+        fcnify.validate_onnx(fcn, path, (32, 32))
+
+
+def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
+    """The exporter turns AdaptiveAvgPool2d((2, 2)) into an AveragePool with the example's kernel."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((2, 2))).eval()
+    fake = torch.fx.symbolic_trace(net)
+    fake.conversion_report = types.SimpleNamespace(input_size=(3, 16, 16))  # passes for a conversion
+    frozen = r"(output 0 has fixed dimensions|ONNX Runtime gives shape \(2, 4, 1, 1\) where PyTorch gives \(2, 4, 2, 2\))"
+    with pytest.raises(fcnify.ExportError, match=frozen):
+        fcnify.export_onnx(fake, str(tmp_path / "frozen.onnx"))
+    assert not os.path.exists(tmp_path / "frozen.onnx")  # a failed export leaves no file behind
+
+
+def test_an_unconverted_vgg_is_refused_with_a_hint(tmp_path):
+    vgg = torchvision.models.vgg11().eval()
+    with pytest.raises(fcnify.ExportError, match=r"VGG is not an fcnify conversion.*Hint: fcn = fcnify.convert"):
+        fcnify.export_onnx(vgg, str(tmp_path / "vgg.onnx"), input_size=(224, 224))
+    assert not os.path.exists(tmp_path / "vgg.onnx")
+
+
+@pytest.mark.slow
+def test_a_naive_export_of_vgg_freezes_its_gemm_and_validation_says_so(tmp_path):
+    """The tracker bug: exported at 224, the adaptive pool is frozen and the Gemm fails elsewhere."""
+    vgg = torchvision.models.vgg11().eval()
+    path = str(tmp_path / "vgg.onnx")
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=224), 3: torch.export.Dim("width", min=224)}
+    torch.onnx.export(vgg, (torch.randn(2, 3, 224, 224),), path, dynamo=True, dynamic_shapes=(dims,), verbose=False)
+    assert onnx_dims(path)[0][2:] == ["height", "width"]  # looks dynamic ...
+    run_ort(path, torch.randn(1, 3, 224, 224))  # ... and runs at 224 ...
+    with pytest.raises(fcnify.ExportError, match=r"ONNX Runtime fails on .* at input 1x3x288x352: .*Gemm"):
+        fcnify.validate_onnx(vgg, path, (224, 224))  # ... but not at any other size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, mode",
+    [("vgg11", "window"), ("resnet18", "dense"), ("efficientnet_b0", "window"), ("convnext_tiny", "window")],
+)
+def test_torchvision_models_export_and_validate_at_three_sizes(name, mode, tmp_path):
+    fcn = fcnify.convert(calibrate(torchvision.models.get_model(name)), input_size=(224, 224), mode=mode)
+    path = str(tmp_path / f"{name}.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.sizes == [(224, 224), (288, 352), (257, 289)]
+    assert report.max_abs_error < 1e-3
+    assert_symbolic(path)
+    assert assert_matches_at(fcn, path, (240, 300)) > 0.1  # outputs large enough for the check to mean something
+
+
+def test_convert_to_onnx_picks_the_format_from_the_extension(tmp_path, capsys):
+    torch.save(LeNet().eval(), tmp_path / "lenet.pt")
+    out = str(tmp_path / "lenet.onnx")
+    assert main(["convert", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", out]) == 0
+    printed = capsys.readouterr().out
+    assert "validated in ONNX Runtime against PyTorch at 3 sizes" in printed
+    assert "1x65x97 -> 1x10x9x17" in printed
+    assert_symbolic(out)
+
+
+def test_cli_export_gives_a_file_that_runs_at_any_size_without_fcnify_or_torch(tmp_path, capsys):
+    torch.save(LeNet().eval(), tmp_path / "lenet.pt")
+    out = str(tmp_path / "lenet.onnx")
+    assert main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "--mode", "dense", "-o", out]) == 0
+    printed = capsys.readouterr().out
+    assert "LeNet -> fully convolutional (dense mode" in printed and "max abs error" in printed
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["fcnify"] = sys.modules["torch"] = None
+        import numpy as np, onnxruntime as ort
+        session = ort.InferenceSession({out!r}, providers=["CPUExecutionProvider"])
+        for shape in [(1, 1, 32, 32), (2, 1, 101, 67), (1, 1, 512, 384)]:
+            print(session.run(None, {{"image": np.zeros(shape, np.float32)}})[0].shape)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == "(1, 10, 1, 1) (2, 10, 18, 9) (1, 10, 121, 89)".split()
+
+
+def test_cli_export_mistakes_are_one_line(tmp_path, capsys):
+    torch.save(LeNet().eval(), tmp_path / "lenet.pt")
+    assert main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", "lenet.pt2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fcnify: error: fcnify export writes ONNX") and "Hint:" in err and len(err.splitlines()) == 1
+    assert main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", str(tmp_path / "no" / "x.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist. Hint: create it first." in err and len(err.splitlines()) == 1
