@@ -5,14 +5,30 @@
 """
 
 from ._convert import ConversionReport, convert
-from ._errors import FcnifyError, ModelLoadError, TraceError, UnsupportedModelError, VerificationError
+from ._errors import (
+    ExportError,
+    FcnifyError,
+    ModelLoadError,
+    TraceError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from .onnx import OnnxExportReport, export_onnx, validate_onnx
+from .resize import resize_head
+from .segment import Segmenter, segmenter
 from .verify import OutputCheck, VerificationReport, verify
+from .geometry import Geometry, ValidSizes, geometry, valid_sizes
+from .tiled import predict_tiled
+from .padded import predict_padded
+from .heatmap import HeatmapResult, heatmap, render_heatmap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "convert",
     "verify",
+    "export_onnx",
+    "validate_onnx",
     "ConversionReport",
     "VerificationReport",
     "OutputCheck",
@@ -21,4 +37,18 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "ModelLoadError",
+    "ExportError",
+    "OnnxExportReport",
+    "segmenter",
+    "Segmenter",
+    "resize_head",
+    "geometry",
+    "Geometry",
+    "valid_sizes",
+    "ValidSizes",
+    "predict_tiled",
+    "predict_padded",
+    "heatmap",
+    "HeatmapResult",
+    "render_heatmap",
 ]

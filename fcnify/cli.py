@@ -54,9 +54,48 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--mode", choices=("window", "dense", "global"), default="window",
                          help="window: slide the classifier (default); dense: one prediction per feature cell; "
                          "global: keep (N, K) logits at any size")
-    convert.add_argument("-o", "--output", metavar="PATH", help="where to save (.pt2); default: ./MODEL-fcn.pt2")
+    convert.add_argument("-o", "--output", metavar="PATH", help="where to save: .pt2 (torch.export) or .onnx "
+                         "(validated in ONNX Runtime); default: ./MODEL-fcn.pt2")
     convert.add_argument("--no-save", action="store_true", help="convert and verify only")
+    _add_export_parser(sub)
+    _add_zoo_parser(sub)
+    from ._heatmap_cli import add_parser as _add_heatmap_parser
+
+    _add_heatmap_parser(sub, _size)
     return parser
+
+
+def _add_zoo_parser(sub) -> None:
+    from .zoo import add_arguments
+
+    zoo = sub.add_parser(
+        "zoo",
+        help="convert every torchvision classifier and one timm model per family; write a coverage table",
+        description="Sweep the model zoos with random weights: convert each model in every mode, verify it at "
+        "its training size, and write a Markdown table (status, max error, output map size, time).",
+    )
+    add_arguments(zoo)
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="convert a classifier and export it to ONNX with dynamic height and width",
+        description="Convert a classifier, verify it, export it to ONNX with symbolic batch, height and width, "
+        "and validate the file in ONNX Runtime against PyTorch at the training size, a larger non-square "
+        "size and an odd size.",
+    )
+    export.add_argument("model", metavar="MODEL", help="torchvision or timm model name, or a torch.save-d model file")
+    source = export.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
+    source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
+    export.add_argument("--input-size", type=_size, metavar="HxW", help="training size, e.g. 224 or 224x320")
+    export.add_argument("--mode", choices=("window", "dense", "global"), default="window", help="as for convert")
+    export.add_argument("-o", "--output", metavar="PATH", help="the .onnx file; default: ./MODEL-fcn.onnx")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: symbolic)")
+    export.add_argument("--simplify", action="store_true", help="simplify with onnxslim (installed separately), "
+                        "then validate again")
 
 
 def _default_output(model: str) -> str:
@@ -78,10 +117,43 @@ def _convert(args: argparse.Namespace) -> int:
     print(report)
     if not args.no_save:
         path = args.output or _default_output(args.model)
+        if path.lower().endswith(".onnx"):
+            _write_onnx(fcn, path, report.input_size)
+            print(f"done in {report.seconds:.1f} s (conversion and verification)")
+            return 0
         save(fcn, path, report.input_size)
         size_mb = os.path.getsize(path) / 2**20
         print(f"saved {path} ({size_mb:.1f} MB): load with torch.export.load({path!r}).module(); "
               f"inputs of at least {report.input_size[1]}x{report.input_size[2]}")
+    print(f"done in {report.seconds:.1f} s (conversion and verification)")
+    return 0
+
+
+def _write_onnx(fcn, path: str, input_size, opset=None, dynamic_batch=True, simplify=False) -> None:
+    from .onnx import export_onnx
+
+    onnx_report = export_onnx(fcn, path, input_size, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify)
+    print(onnx_report)
+    print(f"run it at any size of at least {input_size[1]}x{input_size[2]}: "
+          f"onnxruntime.InferenceSession({path!r}).run(None, {{'image': x}})")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ._convert import convert
+    from ._models import load_model
+
+    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    input_size = args.input_size or size
+    if input_size is None:
+        raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
+    path = args.output or os.path.splitext(_default_output(args.model))[0] + ".onnx"
+    if not path.lower().endswith(".onnx"):
+        raise FcnifyError(f"fcnify export writes ONNX, but {path} does not end in .onnx. "
+                          "Hint: use -o model.onnx, or fcnify convert -o model.pt2 for a torch.export program.")
+    fcn = convert(model, input_size=input_size, mode=args.mode)
+    report = fcn.conversion_report
+    print(report)
+    _write_onnx(fcn, path, report.input_size, args.opset, not args.static_batch, args.simplify)
     print(f"done in {report.seconds:.1f} s (conversion and verification)")
     return 0
 
@@ -93,6 +165,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "export":
+            return _export(args)
+        if args.command == "heatmap":
+            from ._heatmap_cli import run as _heatmap
+
+            return _heatmap(args)
+        if args.command == "zoo":
+            from .zoo import run
+
+            return run(args)
         return _convert(args)
     except FcnifyError as err:
         print(f"fcnify: error: {err}", file=sys.stderr)
