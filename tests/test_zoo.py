@@ -1,7 +1,7 @@
 """Model-zoo coverage: torchvision's classifiers and timm's families, converted and verified.
 
 Every torchvision model and every timm representative is a parameter; the ones too costly for
-the test budget (about 8 minutes on 2 CPU cores) are skipped with the reason given below and
+the test budget (about 10 minutes on 2 CPU cores) are skipped with the reason given below and
 are covered by the sweep that generates docs/coverage.md (``fcnify zoo``), which
 ``test_coverage_doc_*`` checks.
 """
@@ -36,13 +36,13 @@ COVERAGE = os.path.join(ROOT, "docs", "coverage.md")
 
 TORCHVISION_ENTRIES = {e.name: e for e in zoo.torchvision_entries()}
 
-#: Test budget: models of at most 1 GFLOP at their training size run here in all three modes.
+#: Test budget: models of at most 5 GFLOPs at their training size run here in all three modes.
 #: Every other model is listed with its cost; docs/coverage.md shows it converted.
 TORCHVISION_SKIP = {
-    name: f"{entry.gflops:g} GFLOPs at the training size: above the 1-GFLOP test budget; covered by `fcnify zoo` "
+    name: f"{entry.gflops:g} GFLOPs at the training size: above the 5-GFLOP test budget; covered by `fcnify zoo` "
     "(docs/coverage.md)"
     for name, entry in TORCHVISION_ENTRIES.items()
-    if (entry.gflops or 0) > 1.0 and name not in ("vit_b_32", "swin_t")
+    if (entry.gflops or 0) > 5.0 and name not in ("vit_b_32", "swin_t")
 }
 #: The transformers that do run: one refused (class token), one converted (Swin pools a map).
 TORCHVISION_TRANSFORMERS = {"vit_b_32": "refused", "swin_t": "exact"}
@@ -116,16 +116,8 @@ TIMM_SKIP = {
     # transformers and hybrids: the sweep records their refusal or conversion
     **{e.name: f"{e.kind} family '{e.family}': covered by `fcnify zoo` (docs/coverage.md); the test budget goes "
        "to the CNN families" for e in TIMM_ENTRIES.values() if e.kind != "cnn"},
-    # CNNs too large for the budget (GFLOPs at the pretrained_cfg size)
+    # CNNs above the 5-GFLOP budget (GFLOPs at the pretrained_cfg size)
     "convmixer_1024_20_ks9_p14": "5.6 GFLOPs with a 1024-channel trunk at full resolution",
-    "convnext_tiny_hnf": "4.5 GFLOPs; the norm-first head is also in test_models' ConvNeXt cases",
-    "cspresnet50": "4.5 GFLOPs; cs3darknet_s covers the CSPNet family",
-    "densenet121": "2.9 GFLOPs; torchvision's densenet is the same architecture",
-    "dla34": "3.1 GFLOPs; dla46_c covers the DLA family",
-    "dpn48b": "1.7 GFLOPs with dual-path concatenations, over the budget on 2 cores",
-    "eca_nfnet_l0": "4.4 GFLOPs; nf_regnet_b0 covers the NFNet family",
-    "hgnet_tiny": "4.5 GFLOPs; hgnetv2_b0 covers the HGNet family",
-    "hrnet_w18_small": "1.6 GFLOPs with four parallel branches, over the budget on 2 cores",
     "inception_resnet_v2": "13 GFLOPs at 299x299",
     "inception_v3": "5.7 GFLOPs at 299x299; torchvision's inception_v3 is the same architecture",
     "inception_v4": "12 GFLOPs at 299x299",
@@ -133,16 +125,9 @@ TIMM_SKIP = {
     "nasnetalarge": "24 GFLOPs at 331x331",
     "pnasnet5large": "25 GFLOPs at 331x331",
     "rdnet_tiny": "5.1 GFLOPs",
-    "res2net50_14w_8s": "4.2 GFLOPs",
-    "resnest14d": "2.8 GFLOPs",
-    "resnetv2_50x1_bit": "4.3 GFLOPs at 448x448 pretrained size",
     "tresnet_m": "5.7 GFLOPs",
     "vgg11": "7.6 GFLOPs; test_peer_failures runs it",
     "xception41": "9.3 GFLOPs at 299x299",
-    "selecsls42b": "3 GFLOPs",
-    "mambaout_femto": "1.2 GFLOPs with 7x7 gated convolutions, over the budget on 2 cores",
-    "inception_next_atto": "0.5 GFLOPs but 7x7 band kernels make it slow on CPU",
-    "starnet_s050": "covered by the sweep; the star operation is element-wise and needs no rule",
 }
 
 
