@@ -20,13 +20,7 @@ import fcnify
 from fcnify import zoo
 from fcnify._convert import build, prepare
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on 2 cores shared with other jobs, multi-threaded kernels stall (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
