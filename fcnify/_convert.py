@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ._errors import FcnifyError, UnsupportedModelError, VerificationError
+from ._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
 from ._rewrite import MODES, Context, Rewrite, rewrite_head
 from ._trace import describe_node, eval_mode, record_shapes, second_size, trace
 from .rules import DEFAULT_RULES
@@ -209,7 +209,7 @@ def prepare(
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
-            f"{describe_node(gm, run.failed_at)}: {_first_line(run.error)}. Hint: check input_size (C, H, W); "
+            f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. Hint: check input_size (C, H, W); "
             "an input too small for the network's downsampling fails this way."
         ) from run.error
     probe = second_size(size[1:])
@@ -235,7 +235,7 @@ def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol
         if traced.run2.failed_at is not None:  # the head is not found because the probe run stopped early
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not run at a {traced.probe[0]}x{traced.probe[1]} input: "
-                f"{describe_node(gm, traced.run2.failed_at)} fails with: {_first_line(traced.run2.error)}. "
+                f"{describe_node(gm, traced.run2.failed_at)} fails with: {first_line(traced.run2.error)}. "
                 "Hint: the model is built for one input size (a fixed patch grid, position embedding or "
                 "attention window); build it for dynamic sizes if the library allows it (timm: "
                 "dynamic_img_size=True or strict_img_size=False), then convert."
@@ -278,8 +278,6 @@ def _restore_training(fcn: nn.Module, model: nn.Module) -> None:
         m.training = flags.get(name, model.training)
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
@@ -304,7 +302,7 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
     if run2.failed_at is not None:
         raise UnsupportedModelError(
             f"the converted model fails at a {x2.shape[2]}x{x2.shape[3]} input at "
-            f"{describe_node(fcn, run2.failed_at)}: {_first_line(run2.error)}. Hint: this part depends on the "
+            f"{describe_node(fcn, run2.failed_at)}: {first_line(run2.error)}. Hint: this part depends on the "
             "training size (a position embedding, an interpolation to a fixed size, a Linear over "
             "positions); fcnify cannot make it size-independent."
         ) from run2.error

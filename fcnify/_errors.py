@@ -38,3 +38,9 @@ class ModelLoadError(FcnifyError):
 
 class ExportError(FcnifyError):
     """Exporting to ONNX failed, or the exported file does not reproduce the model at some size."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (fx and torch append long traces), or its type."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ._errors import ModelLoadError
+from ._errors import ModelLoadError, first_line
 from ._lite0 import LITE0_NAME, load_lite0
 
 __all__ = ["load_model", "load_weights"]
@@ -167,7 +167,7 @@ def _read_state_dict(path: str) -> Dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ModelLoadError(
-            f"cannot read weights file {path}: {type(err).__name__}: {str(err).splitlines()[0]}. "
+            f"cannot read weights file {path}: {type(err).__name__}: {first_line(err)}. "
             "Hint: pass a state dict saved with torch.save(model.state_dict(), path) or a .safetensors file."
         ) from err
     for key in ("state_dict", "model", "model_state_dict"):

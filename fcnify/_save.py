@@ -16,7 +16,7 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
-from ._errors import FcnifyError
+from ._errors import FcnifyError, first_line
 from ._trace import second_size
 from .verify import example_input
 
@@ -36,7 +36,7 @@ def export_program(fcn: nn.Module, input_size: Sequence[int]) -> torch.export.Ex
             return torch.export.export(fcn, (example,), dynamic_shapes=(dims,))
     except Exception as err:
         raise FcnifyError(
-            f"torch.export could not export the converted model with dynamic sizes: {str(err).splitlines()[0]}. "
+            f"torch.export could not export the converted model with dynamic sizes: {first_line(err)}. "
             "Hint: save the module with torch.save instead (needs fcnify to load)."
         ) from err
     finally:

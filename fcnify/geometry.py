@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import FcnifyError, UnsupportedModelError
+from ._errors import FcnifyError, UnsupportedModelError, first_line
 from ._trace import describe_node, record_shapes, trace
 
 __all__ = ["Geometry", "geometry", "valid_sizes", "ValidSizes"]
@@ -221,7 +221,7 @@ def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(fcn).__name__} fails on a {'x'.join(map(str, size))} input at "
-            f"{describe_node(fcn, run.failed_at)}: {str(run.error).splitlines()[0] if str(run.error) else run.error!r}. "
+            f"{describe_node(fcn, run.failed_at)}: {first_line(run.error)}. "
             "Hint: pass an input_size the model accepts, e.g. its training size."
         ) from run.error
     modules = dict(fcn.named_modules())

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 
-from ._errors import ExportError
+from ._errors import ExportError, first_line
 from ._trace import eval_mode, second_size
 from .verify import DEFAULT_RTOL, example_input
 
@@ -336,7 +336,7 @@ def _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol) -> OnnxExpor
     try:
         onnx.checker.check_model(path)
     except Exception as err:
-        raise ExportError(f"{path} fails onnx.checker: {_first_line(err)}. Hint: try another opset=.") from err
+        raise ExportError(f"{path} fails onnx.checker: {first_line(err)}. Hint: try another opset=.") from err
     model = onnx.load(path, load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     input_shape = _dims(model.graph.input[0])
@@ -362,10 +362,10 @@ def _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol) -> OnnxExpor
         except Exception as err:
             if explicit:
                 raise ExportError(
-                    f"the PyTorch model itself fails at {sh}x{sw}: {_first_line(err)}. "
+                    f"the PyTorch model itself fails at {sh}x{sw}: {first_line(err)}. "
                     "Hint: pick validate_sizes the network accepts."
                 ) from err
-            report.skipped.append(f"{sh}x{sw}: the PyTorch model itself fails ({_first_line(err)})")
+            report.skipped.append(f"{sh}x{sw}: the PyTorch model itself fails ({first_line(err)})")
             continue
         report.checks.append(_compare(session, path, x, refs, rtol))
     if len(report.checks) < wanted:
@@ -387,7 +387,7 @@ def _compare(session, path: str, x: torch.Tensor, refs: List[Any], rtol: float) 
         outs = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
     except Exception as err:
         raise ExportError(
-            f"ONNX Runtime fails on {path} at input {where}: {_first_line(err)}. Hint: a size was frozen at "
+            f"ONNX Runtime fails on {path} at input {where}: {first_line(err)}. Hint: a size was frozen at "
             "export time; export an fcnify conversion (fcnify.convert) rather than the original classifier."
         ) from err
     refs = [r for r in refs if isinstance(r, torch.Tensor)]
@@ -423,7 +423,7 @@ def _session(path: str):
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:
-        raise ExportError(f"ONNX Runtime cannot load {path}: {_first_line(err)}. Hint: try another opset=.") from err
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(err)}. Hint: try another opset=.") from err
 
 
 def _dims(value_info) -> List[Any]:
@@ -463,7 +463,7 @@ def _simplify(path: str) -> None:
     try:
         onnxslim.slim(path, path)
     except Exception as err:
-        raise ExportError(f"onnxslim could not simplify {path}: {_first_line(err)}. "
+        raise ExportError(f"onnxslim could not simplify {path}: {first_line(err)}. "
                           "Hint: export without simplify.") from err
 
 
@@ -471,9 +471,6 @@ def _root_cause(err: BaseException) -> str:
     """The first line of the innermost chained exception (the exporter wraps the real one twice)."""
     while err.__cause__ is not None:
         err = err.__cause__
-    return f"{type(err).__name__}: {_ANSI.sub('', _first_line(err))}"
+    return f"{type(err).__name__}: {_ANSI.sub('', first_line(err))}"
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

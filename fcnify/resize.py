@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._convert import resolve_input_size
-from ._errors import FcnifyError, UnsupportedModelError
+from ._errors import FcnifyError, UnsupportedModelError, first_line
 from ._trace import describe_node, record_shapes, trace
 from .verify import example_input
 
@@ -90,7 +90,7 @@ def resize_head(
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
-            f"{describe_node(gm, run.failed_at)}: {_first_line(run.error)}. "
+            f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. "
             "Hint: from_size must be the size it was trained at."
         ) from run.error
     run2 = record_shapes(gm, example_input(gm, new_size, batch=1))  # stops at the Linear, past the map
@@ -121,8 +121,6 @@ def resize_head(
     return resized
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _resample(weight: torch.Tensor, size: Tuple[int, int], method: str) -> torch.Tensor:
