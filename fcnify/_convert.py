@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any, List, Optional, Sequence, Tuple
@@ -254,6 +255,9 @@ def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol
     probe_shapes = _probe(fcn, traced.x2, mode, size[1:])
     report = ConversionReport(type(model).__name__, mode, size, ctx.rewrites, checks, traced.probe, probe_shapes)
     fcn.conversion_report = report
+    for attribute in ("pretrained_cfg", "fcnify_input_size"):  # normalisation and size travel with the model
+        if getattr(model, attribute, None) is not None:
+            setattr(fcn, attribute, copy.deepcopy(getattr(model, attribute)))
     if verify:
         report.verification = _verify(model, fcn, size, mode, checks=checks, rtol=rtol, batch=traced.x2.shape[0])
         if not report.verification.passed:

@@ -86,6 +86,19 @@ def test_normalization_sources():
         resolve_normalization("imagenet")
 
 
+def test_converted_timm_model_carries_its_normalization():
+    import timm
+
+    from fcnify.heatmap import resolve_normalization
+
+    model = timm.create_model("lcnet_050", pretrained=False).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    fcn = fcnify.convert(model, verify=False)
+    assert resolve_normalization(None, fcn) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    fcn.pretrained_cfg["mean"] = (0.0, 0.0, 0.0)  # a copy: the user's model is left as it was
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+
+
 def test_normalize_and_uint8_inputs_agree(fcn):
     from PIL import Image
 
