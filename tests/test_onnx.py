@@ -149,8 +149,18 @@ def test_a_mismatch_with_pytorch_is_an_error(tmp_path):
     fcnify.export_onnx(fcn, path, validate_sizes=[])
     with torch.no_grad():
         fcn.fc3.bias.add_(1.0)  # the PyTorch model no longer matches the file
-    with pytest.raises(fcnify.ExportError, match=r"disagrees with PyTorch at input 2x1x32x32 .*max abs error"):
+    with pytest.raises(fcnify.ExportError, match=r"disagrees with PyTorch \(.*\) at 32x32 max abs error"):
         fcnify.validate_onnx(fcn, path, (32, 32))
+
+
+def test_a_mismatch_at_some_sizes_only_is_explained():
+    """torchvision's Swin skips its shift when the window covers the map: one path per size."""
+    from fcnify.onnx import SizeCheck, _raise_on_mismatch
+
+    checks = [SizeCheck((224, 224), 2, [(2, 10, 1, 1)], 9e-3, 1e-4), SizeCheck((288, 352), 1, [(1, 10, 3, 5)], 1e-6, 1e-4)]
+    with pytest.raises(fcnify.ExportError, match=r"at 224x224 max abs error 0.009 .* but agrees at 288x352: .*Hint"):
+        _raise_on_mismatch("swin.onnx", checks)
+    _raise_on_mismatch("swin.onnx", checks[1:])  # every size agrees: no error
 
 
 def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
