@@ -112,11 +112,21 @@ def _default_output(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + "-fcn.pt2"
 
 
+def _check_folder(path: str) -> None:
+    """Fail before the (slow) conversion when the output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FcnifyError(f"cannot write {path}: folder {folder} does not exist. Hint: create it first, "
+                          "or pass -o with an existing folder.")
+
+
 def _convert(args: argparse.Namespace) -> int:
     from ._convert import convert
     from ._models import load_model
     from ._save import save
 
+    if not args.no_save:
+        _check_folder(args.output or _default_output(args.model))
     model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
     input_size = args.input_size or size
     if input_size is None:
@@ -151,14 +161,15 @@ def _export(args: argparse.Namespace) -> int:
     from ._convert import convert
     from ._models import load_model
 
-    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
-    input_size = args.input_size or size
-    if input_size is None:
-        raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
     path = args.output or os.path.splitext(_default_output(args.model))[0] + ".onnx"
     if not path.lower().endswith(".onnx"):
         raise FcnifyError(f"fcnify export writes ONNX, but {path} does not end in .onnx. "
                           "Hint: use -o model.onnx, or fcnify convert -o model.pt2 for a torch.export program.")
+    _check_folder(path)
+    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    input_size = args.input_size or size
+    if input_size is None:
+        raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
     fcn = convert(model, input_size=input_size, mode=args.mode)
     report = fcn.conversion_report
     print(report)

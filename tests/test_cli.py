@@ -81,7 +81,8 @@ def test_weights_that_do_not_fit_are_one_clear_line(tmp_path, capsys):
     [
         (["convert", "resnet5"], "did you mean resnet50"),
         (["convert", "resnet18", "--weights", "/no/such/file.pth"], "weights file not found"),
-        (["convert", "resnet18", "--input-size", "8x8", "--mode", "window", "-o", "/no/such/dir/x.pt2"], ""),
+        (["convert", "resnet18", "-o", "/no/such/dir/x.pt2"], "folder /no/such/dir does not exist"),
+        (["export", "resnet18", "-o", "/no/such/dir/x.onnx"], "folder /no/such/dir does not exist"),
         (["convert", "vgg11", "--input-size", "16"], "fails on a 3x16x16 input"),
         (["convert", "vit_b_16", "--no-save"], "transformer head"),
     ],
