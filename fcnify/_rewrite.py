@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ._errors import UnsupportedModelError
@@ -261,7 +262,18 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
     lifted_inputs = [a for a in node.all_input_nodes if ctx.lifted(a) is not None and ctx.lifted(a).kind != "map"]
     if lifted_inputs:
         shape = ctx.shape(lifted_inputs[0])
-        if ctx.lifted(lifted_inputs[0]).kind == "flat" and len(ctx.shape(node) or ()) == 3:
+        out = ctx.shape(node) or ()
+        if ctx.lifted(lifted_inputs[0]).kind == "flat" and len(out) == 3 and len(shape or ()) == 3 \
+                and tuple(out[:2]) == tuple(shape[:2]) and _is_linear(node, ctx):
+            raise ctx.unsupported(
+                node,
+                f"it applies a Linear across the {shape[2]} positions of each of the {shape[1]} channels "
+                f"({shape} -> {out}): its weights are tied to one position each, so the layer only exists "
+                "at the training size",
+                "flatten the whole map (x.flatten(1)) before the Linear, which fcnify turns into a convolution "
+                "with the map's kernel size, or pool the map first",
+            )
+        if ctx.lifted(lifted_inputs[0]).kind == "flat" and len(out) == 3:
             raise ctx.unsupported(
                 node,
                 f"it turns the flattened feature map {shape} into a sequence of tokens "
@@ -289,6 +301,12 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
     if maps and is_map_shape(ctx.shape(node)):
         ctx.info[node] = maps[0].derive(affine=False)
     return new
+
+
+def _is_linear(node: fx.Node, ctx: Context) -> bool:
+    if node.op == "call_module":
+        return isinstance(ctx.module(node), nn.Linear)
+    return node.op == "call_function" and node.target in (F.linear, torch.matmul)
 
 
 def _per_position(node: fx.Node, ctx: Context) -> bool:

@@ -649,6 +649,24 @@ def test_position_embedding_on_tokens_is_refused():
         fcnify.convert(model, (H, W))
 
 
+def test_linear_over_positions_is_refused_as_such():
+    """``x.flatten(2)`` then a Linear over the h*w positions: not a transformer, a fixed-size layer."""
+
+    class OverPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Linear(MAP * MAP, 3)
+            self.fc = nn.Linear(FEAT * 3, 5)
+
+        def forward(self, x):
+            return self.fc(self.mix(x.flatten(2)).flatten(1))
+
+    model = prepare(Net(nn.Identity(), OverPositions()))
+    with pytest.raises(UnsupportedModelError, match=rf"node 'head_mix'.*across the {MAP * MAP} positions.*Hint: flatten") as info:
+        fcnify.convert(model, (H, W))
+    assert "transformer" not in str(info.value)
+
+
 def test_position_embedding_on_the_map_is_refused():
     class PosEmbed(nn.Module):
         def __init__(self):
