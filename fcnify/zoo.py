@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import functools
 import gc
+import os
 import sys
 import time
 import warnings
@@ -208,8 +210,14 @@ class ZooResult:
         input_size: ``(C, H, W)`` training size.
         probe_size: the larger ``(H, W)`` the converted model was run at.
         output_map: window-mode output ``(K, h, w)`` at ``probe_size``.
-        seconds: wall time for the model, building it included.
-        onnx: reserved for an ONNX export column (``None``: not run).
+        seconds: CPU time of the process for the model, building it included, ONNX excluded (CPU
+            time rather than wall time: other jobs on the machine do not inflate it).
+        onnx: the ONNX result of the window-mode conversion: ``exported`` (validated in ONNX
+            Runtime at three sizes), ``failed`` or ``skipped`` (``None``: not run).
+        onnx_reason: why the export failed or was skipped.
+        onnx_error: ONNX Runtime vs PyTorch max abs error over the validated sizes.
+        onnx_sizes: the ``(H, W)`` sizes validated in ONNX Runtime.
+        onnx_seconds: CPU time for exporting and validating.
     """
 
     entry: ZooEntry
@@ -223,6 +231,10 @@ class ZooResult:
     output_map: Optional[Tuple[int, ...]] = None
     seconds: float = 0.0
     onnx: Optional[str] = None
+    onnx_reason: str = ""
+    onnx_error: Optional[float] = None
+    onnx_sizes: Optional[List[Tuple[int, int]]] = None
+    onnx_seconds: float = 0.0
 
 
 # -- the model lists --------------------------------------------------------------------------
@@ -274,8 +286,28 @@ def select(entries: Iterable[ZooEntry], pattern: Optional[str] = None) -> List[Z
 
 # -- checking one model -----------------------------------------------------------------------
 
+def calibrate_batchnorm(model: nn.Module, size: Tuple[int, int], batch: int = 2, seed: int = 0) -> nn.Module:
+    """Set batch-norm running statistics from one random batch at ``size``; returns ``model`` in eval mode.
+
+    With random weights and fresh statistics the logits of deep networks can be tiny
+    (torchvision's EfficientNets give ~1e-14), so any comparison with them passes. Statistics
+    taken from the data the model then sees keep every layer, and the logits, of order one,
+    which makes the verification errors in the table mean something.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one batch sets the statistics
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
 def build_model(entry: ZooEntry) -> Tuple[nn.Module, Tuple[int, int]]:
-    """The model with random weights in eval mode, and its training size."""
+    """The model with random weights and calibrated batch-norm statistics in eval mode, and its training size."""
     from ._models import load_model
 
     with warnings.catch_warnings():
@@ -287,17 +319,22 @@ def build_model(entry: ZooEntry) -> Tuple[nn.Module, Tuple[int, int]]:
             import torchvision
 
             model = torchvision.models.get_model(entry.name, image_size=size[0])
-    return model.eval(), size or (224, 224)
+        size = size or (224, 224)
+        torch.manual_seed(0)
+        calibrate_batchnorm(model, size)
+    return model, size
 
 
-def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1) -> ZooResult:
+def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: bool = False) -> ZooResult:
     """Build ``entry``, convert it in every mode from one trace, verify, and free it.
 
-    Never raises for a model that fails: the error goes into the result.
+    With ``onnx``, the window-mode conversion is also exported with :func:`fcnify.export_onnx`
+    and validated in ONNX Runtime at three sizes. Never raises for a model that fails: the
+    error goes into the result.
     """
     from ._convert import build, prepare
 
-    start = time.perf_counter()
+    start = time.process_time()
     result = ZooResult(entry, "failed")
     model = traced = fcn = None
     try:
@@ -324,6 +361,8 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1) -> ZooR
                 result.max_rel_error = max([result.max_rel_error or 0.0] + [o.max_rel_error for o in checked])
                 if mode == "window" or result.output_map is None:
                     result.output_map = tuple(report.probe_output_shapes[0][1:])
+                if onnx and mode == "window":
+                    _check_onnx(fcn, result)
                 fcn = None
         result.status = _status(result.modes)
         if errors:
@@ -335,8 +374,25 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1) -> ZooR
     finally:
         del model, traced, fcn
         gc.collect()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.process_time() - start - result.onnx_seconds
     return result
+
+
+def _check_onnx(fcn: nn.Module, result: ZooResult) -> None:
+    """Export ``fcn`` to a temporary file, validate it in ONNX Runtime, and fill ``result.onnx*``."""
+    import tempfile
+
+    from .onnx import export_onnx
+
+    start = time.process_time()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fcnify-zoo-") as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = export_onnx(fcn, os.path.join(folder, "model.onnx"))
+        result.onnx, result.onnx_error, result.onnx_sizes = "exported", report.max_abs_error, report.sizes
+    except Exception as err:  # ExportError explains itself; an exporter crash keeps its type name
+        result.onnx, result.onnx_reason = "failed", _reason(err)
+    result.onnx_seconds = time.process_time() - start
 
 
 def _status(modes: Dict[str, str]) -> str:
@@ -361,20 +417,49 @@ def sweep(
     modes: Sequence[str] = MODES,
     progress: bool = True,
     on_result: Optional[Callable[[ZooResult], None]] = None,
+    onnx: bool = False,
+    jobs: int = 1,
+    threads: Optional[int] = None,
 ) -> List[ZooResult]:
-    """:func:`check` each entry in turn, with a tqdm progress bar; returns the results."""
+    """:func:`check` each entry, with a tqdm progress bar; returns the results in entry order.
+
+    With ``jobs > 1`` the models are checked in that many worker processes, each started
+    fresh for one model (so memory is returned to the system after every model) and limited
+    to ``threads`` torch threads.
+    """
     from tqdm import tqdm
 
+    task = functools.partial(check, modes=modes, onnx=onnx)
     results = []
-    bar = tqdm(entries, disable=not progress, unit="model", dynamic_ncols=True, file=sys.stderr)
-    for entry in bar:
-        bar.set_postfix_str(entry.id)
-        result = check(entry, modes)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    bar.close()
+    bar = tqdm(total=len(entries), disable=not progress, unit="model", dynamic_ncols=True, file=sys.stderr)
+    pool = None
+    if jobs > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(
+            jobs, initializer=_init_worker, initargs=(threads,), maxtasksperchild=1
+        )
+        outcomes = pool.imap(task, entries)
+    else:
+        outcomes = map(task, entries)
+    try:
+        for entry, result in zip(entries, outcomes):
+            bar.set_postfix_str(entry.id)
+            bar.update()
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
     return results
+
+
+def _init_worker(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -387,7 +472,15 @@ def _short(reason: str, limit: int = 400) -> str:
     return reason if len(reason) <= limit else reason[: limit - 3].rstrip() + "..."
 
 
-def _row(r: ZooResult) -> str:
+def _onnx_cell(r: ZooResult) -> str:
+    if r.onnx == "exported":
+        return f"{r.onnx_error:.1e} at {len(r.onnx_sizes or [])} sizes ({r.onnx_seconds:.0f} s)"
+    if r.onnx == "failed":
+        return f"failed: {_short(r.onnx_reason, 300)}"
+    return "not converted" if r.status != "exact" else ""
+
+
+def _row(r: ZooResult, onnx: bool = False) -> str:
     status = r.status
     if r.status != "exact":
         detail = ", ".join(f"{m} {s}" for m, s in r.modes.items()) if r.status == "partial" else ""
@@ -400,6 +493,8 @@ def _row(r: ZooResult) -> str:
     if r.output_map is not None and r.probe_size is not None:
         out = f"{'x'.join(map(str, r.output_map))} at {r.probe_size[0]}x{r.probe_size[1]}"
     cells = [f"`{r.entry.name}`", r.entry.family, r.entry.kind, size, status, error, out, f"{r.seconds:.1f}"]
+    if onnx:
+        cells.append(_onnx_cell(r))
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
@@ -417,27 +512,41 @@ def summary(results: Sequence[ZooResult], library: str) -> str:
         text += f"; {len(others)} transformer, hybrid or MLP {unit}: " + ", ".join(
             f"{n} {s}" for s, n in sorted(counts.items())
         )
+    tried = [r for r in mine if r.onnx in ("exported", "failed")]
+    if tried:
+        text += f"; ONNX: {sum(r.onnx == 'exported' for r in tried)}/{len(tried)} converted models exported and validated"
     return text
 
 
 def coverage_markdown(results: Sequence[ZooResult], command: str = "fcnify zoo") -> str:
-    """The coverage table as Markdown, one section per library."""
+    """The coverage table as Markdown, one section per library; an ONNX column when it was run."""
     import torchvision
     import timm
 
+    onnx = any(r.onnx is not None for r in results)
     lines = [
         "# Model coverage",
         "",
         f"Generated by `{command}` with torch {torch.__version__.split('+')[0]}, torchvision "
-        f"{torchvision.__version__.split('+')[0]}, timm {timm.__version__}. Random weights, eval mode, "
-        "batch 1, float32 on CPU. Each model is converted in `window`, `dense` and `global` mode and "
+        f"{torchvision.__version__.split('+')[0]}, timm {timm.__version__}. Random weights with batch-norm "
+        "statistics taken from one random batch (so that logits are of order one and errors mean something), "
+        "eval mode, batch 1, float32 on CPU. Each model is converted in `window`, `dense` and `global` mode and "
         "verified at its training size; *exact* means every mode reproduces the original logits within "
         "1e-4 of the largest logit (in `dense` mode after a non-affine head no exact check exists and only "
         "the shapes are checked). *Max error* is the largest absolute error over the modes. *Output map* is "
-        "the window-mode output `K x h x w` at a larger, non-square input. *Time* covers building the model, "
+        "the window-mode output `K x h x w` at a larger, non-square input. *CPU time* (of the process, so "
+        "other jobs on the machine do not inflate it) covers building the model, calibrating its statistics, "
         "converting it in the three modes and verifying.",
         "",
     ]
+    if onnx:
+        lines += [
+            "*ONNX*: the window-mode conversion exported with `fcnify.export_onnx` (dynamo exporter, symbolic "
+            "batch, height and width), checked with `onnx.checker` and run in ONNX Runtime at the training "
+            "size, a larger non-square size and an odd size; the cell gives the largest ONNX Runtime vs "
+            "PyTorch difference over those sizes and the CPU time to export and validate.",
+            "",
+        ]
     for library in ("torchvision", "timm"):
         mine = [r for r in results if r.entry.library == library]
         if not mine:
@@ -448,11 +557,10 @@ def coverage_markdown(results: Sequence[ZooResult], command: str = "fcnify zoo")
                 "One model per family (the module that defines it), plus the variants whose heads differ.",
                 "",
             ]
-        lines += [
-            "| model | family | kind | training size | status | max error | output map | time (s) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [_row(r) for r in mine]
+        header = ["model", "family", "kind", "training size", "status", "max error", "output map", "CPU time (s)"]
+        header += ["ONNX"] if onnx else []
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [_row(r, onnx) for r in mine]
         lines.append("")
     return "\n".join(lines)
 
@@ -467,10 +575,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all three)")
     parser.add_argument("-o", "--output", metavar="PATH", help="write the Markdown table here (e.g. docs/coverage.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="check N models at a time, each in "
+                        "its own process (default 1); combine with --threads so that N x threads <= cores")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (1 is much faster on a "
                         "machine shared with other jobs: busy cores make multi-threaded kernels stall)")
-    # An --onnx flag (export each exact model with fcnify.export_onnx and fill ZooResult.onnx)
-    # belongs here once fcnify.onnx is available.
+    parser.add_argument("--onnx", action="store_true", help="also export each window-mode conversion to ONNX "
+                        "and validate it in ONNX Runtime at three sizes (an ONNX column in the table)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -479,6 +589,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise FcnifyError(f"unknown mode(s) {', '.join(unknown) or '(none)'}. Hint: --modes {','.join(MODES)}")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        raise FcnifyError(f"--jobs and --threads must be at least 1, got --jobs {args.jobs} --threads {args.threads}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     both = not args.torchvision and not args.timm
@@ -502,16 +614,19 @@ def run(args: argparse.Namespace) -> int:
             with open(args.output, "w") as f:
                 f.write(coverage_markdown(done, command))
 
-    results = sweep(entries, modes, progress=not args.no_progress, on_result=report)
+    results = sweep(entries, modes, progress=not args.no_progress, on_result=report, onnx=args.onnx,
+                    jobs=args.jobs, threads=args.threads)
     for library in ("torchvision", "timm"):
         if any(r.entry.library == library for r in results):
             print(f"{library}: {summary(results, library)}")
     for r in results:
         if r.status == "failed":
             print(f"failed: {r.entry.id}: {_short(r.reason, 300)}")
+        if r.onnx == "failed":
+            print(f"ONNX failed: {r.entry.id}: {_short(r.onnx_reason, 300)}")
     if args.output:
         print(f"wrote {args.output}")
-    return 1 if any(r.status == "failed" for r in results) else 0
+    return 1 if any(r.status == "failed" or r.onnx == "failed" for r in results) else 0
 
 
 def _command_args(args: argparse.Namespace) -> List[str]:
@@ -524,6 +639,12 @@ def _command_args(args: argparse.Namespace) -> List[str]:
         out.append(f"--filter '{args.filter}'")
     if args.modes != ",".join(MODES):
         out.append(f"--modes {args.modes}")
+    if args.onnx:
+        out.append("--onnx")
+    if args.jobs > 1:
+        out.append(f"--jobs {args.jobs}")
+    if args.threads:
+        out.append(f"--threads {args.threads}")
     if args.output:
         out.append(f"-o {args.output}")
     return out

@@ -317,6 +317,34 @@ def test_check_reports_exact_refused_and_failed():
     assert "failed:" in table
 
 
+def test_calibrated_batchnorm_makes_logits_of_order_one():
+    """torchvision's EfficientNet init gives ~1e-14 logits, against which any error looks exact."""
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0().eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model(x).abs().max() < 1e-6
+        assert zoo.calibrate_batchnorm(model, (224, 224)) is model and not model.training
+        assert model(x).abs().max() > 0.1
+
+
+@pytest.mark.onnx
+def test_sweep_in_two_processes_with_the_onnx_column(tmp_path, capsys):
+    from fcnify.cli import main
+
+    out = tmp_path / "coverage.md"
+    assert main(["zoo", "--torchvision", "--filter", "squeezenet*", "--modes", "window", "--onnx", "--jobs", "2",
+                 "--threads", "1", "--no-progress", "-o", str(out)]) == 0
+    assert "2/2 converted models exported and validated" in capsys.readouterr().out
+    text = out.read_text()
+    assert "--onnx --jobs 2 --threads 1 -o" in text and "| ONNX |" in text
+    cells = [line.rsplit("|", 2)[1].strip() for line in text.splitlines() if line.startswith("| `squeezenet")]
+    assert len(cells) == 2
+    for cell in cells:
+        error = re.fullmatch(r"(\S+) at 3 sizes \(\d+ s\)", cell)
+        assert error and float(error.group(1)) < 1e-4, cell
+
+
 def test_zoo_command_writes_the_table(tmp_path, capsys):
     from fcnify.cli import main
 
