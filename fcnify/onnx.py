@@ -25,7 +25,7 @@ from torch.export import Dim
 
 from ._errors import ExportError, first_line
 from ._trace import eval_mode, second_size
-from .verify import DEFAULT_RTOL, example_input
+from .verify import example_input
 
 __all__ = ["export_onnx", "validate_onnx", "OnnxExportReport", "SizeCheck"]
 
@@ -35,6 +35,15 @@ _EXTERNAL_DATA_BYTES = 2**31 - 2**26
 _INPUT_NAME = "image"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+#: ONNX Runtime vs PyTorch tolerance, relative to ``max(1, max |output|)``. Looser than the
+#: 1e-4 of :func:`fcnify.verify` (PyTorch against itself): ONNX Runtime's kernels (MLAS)
+#: accumulate in another order than PyTorch's (oneDNN), and in deep residual networks the
+#: difference grows with the residual stream, not with the logits (resnet152, random weights:
+#: 3e-4 of the largest logit). 1e-3 is also the default of PyTorch's own ONNX verification.
+#: A size frozen at export or a wrong branch gives errors of the order of the output.
+ONNX_RTOL = 1e-3
 
 
 @dataclasses.dataclass
@@ -125,7 +134,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     validate_sizes: Optional[Sequence[Sequence[int]]] = None,
     simplify: bool = False,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float = ONNX_RTOL,
 ) -> OnnxExportReport:
     """Export a converted model to ONNX with symbolic batch, height and width, and prove it runs.
 
@@ -206,7 +215,7 @@ def validate_onnx(
     input_size: Sequence[int],
     validate_sizes: Optional[Sequence[Sequence[int]]] = None,
     dynamic_batch: bool = True,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float = ONNX_RTOL,
 ) -> OnnxExportReport:
     """Check an ONNX file against a PyTorch model at several sizes, however it was exported.
 
@@ -418,7 +427,9 @@ def _raise_on_mismatch(path: str, checks: List[SizeCheck]) -> None:
     size = lambda c: f"{c.size[0]}x{c.size[1]}"  # noqa: E731
     text = "; ".join(f"at {size(c)} max abs error {c.max_abs_error:.3g} > tolerance {c.tolerance:.3g}" for c in bad)
     good = [c for c in checks if c.passed]
-    if good:
+    # far off at some sizes, close at others: a size-dependent path, not rounding
+    floor = min(c.tolerance for c in checks) / 100
+    if good and min(c.max_abs_error for c in bad) > 100 * max(floor, *(c.max_abs_error for c in good)):
         raise ExportError(
             f"ONNX Runtime disagrees with PyTorch ({path}) {text}, but agrees at {', '.join(map(size, good))}: "
             "the model takes a different path at different sizes (a Python `if` on a size, e.g. torchvision's "

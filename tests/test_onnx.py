@@ -161,6 +161,10 @@ def test_a_mismatch_at_some_sizes_only_is_explained():
     with pytest.raises(fcnify.ExportError, match=r"at 224x224 max abs error 0.009 .* but agrees at 288x352: .*Hint"):
         _raise_on_mismatch("swin.onnx", checks)
     _raise_on_mismatch("swin.onnx", checks[1:])  # every size agrees: no error
+    rounding = [SizeCheck((224, 224), 2, [(2, 10)], 2.6e-4, 2e-4), SizeCheck((288, 352), 1, [(1, 10)], 1.9e-4, 2e-4)]
+    with pytest.raises(fcnify.ExportError) as info:  # just over the tolerance: not called a different path
+        _raise_on_mismatch("deep.onnx", rounding)
+    assert "different path" not in str(info.value)
 
 
 def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
