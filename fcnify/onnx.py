@@ -434,8 +434,8 @@ def _raise_on_mismatch(path: str, checks: List[SizeCheck]) -> None:
             f"ONNX Runtime disagrees with PyTorch ({path}) {text}, but agrees at {', '.join(map(size, good))}: "
             "the model takes a different path at different sizes (a Python `if` on a size, e.g. torchvision's "
             "Swin skips its window shift when the window covers the map), and the exported graph follows one "
-            "path at every size. Hint: run those sizes in PyTorch or from the .pt2 export, or use sizes where "
-            "the file agrees."
+            "path at every size. Hint: run those sizes in PyTorch or from the .pt2 export; to keep the file for "
+            "the sizes where it agrees, pass validate_sizes= with the sizes you will run."
         )
     raise ExportError(f"ONNX Runtime disagrees with PyTorch ({path}) {text}. Hint: try another opset=, or "
                       "simplify=False.")
