@@ -20,7 +20,9 @@ from .verify import OutputCheck, VerificationReport, verify
 from .geometry import Geometry, ValidSizes, geometry, valid_sizes
 from .tiled import predict_tiled
 from .padded import predict_padded
-from .heatmap import HeatmapResult, heatmap, render_heatmap
+from .heatmap import HeatmapResult, class_names, heatmap, render_heatmap
+from ._models import load_model
+from ._lite0 import load_lite0
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,7 @@ __all__ = [
     "heatmap",
     "HeatmapResult",
     "render_heatmap",
+    "class_names",
+    "load_model",
+    "load_lite0",
 ]

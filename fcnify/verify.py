@@ -109,7 +109,7 @@ def verify(
     Args:
         original: the classifier.
         converted: the result of :func:`fcnify.convert`.
-        input_size: ``(C, H, W)`` training size.
+        input_size: training size ``(H, W)`` or ``(C, H, W)``, as for :func:`fcnify.convert`.
         mode: the conversion mode.
         checks: per output, ``"equal"``, ``"mean"`` or ``"none"``; by default taken from
             ``converted.conversion_report``, else ``"equal"`` (``"none"`` in dense mode).
@@ -122,12 +122,12 @@ def verify(
         >>> import torch, fcnify
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
         >>> fcn = fcnify.convert(net, input_size=(8, 8), verify=False)
-        >>> fcnify.verify(net, fcn, (3, 8, 8)).passed
+        >>> fcnify.verify(net, fcn, (8, 8)).passed
         True
     """
-    input_size = tuple(input_size)
-    if len(input_size) != 3:
-        raise FcnifyError(f"verify needs input_size as (C, H, W), got {input_size}")
+    from ._convert import resolve_input_size  # (H, W) as for convert; channels from the model
+
+    input_size = resolve_input_size(original, input_size)
     x = example_input(original, input_size, batch, seed)
     with torch.no_grad(), eval_mode(original), eval_mode(converted):
         reference = original(x)

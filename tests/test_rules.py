@@ -758,6 +758,7 @@ def test_verification_catches_a_broken_conversion():
     model = prepare(Net(nn.Flatten(), nn.Linear(FEAT * MAP * MAP, 5)))
     fcn = fcnify.convert(model, (H, W))
     assert fcnify.verify(model, fcn, (C, H, W)).passed
+    assert fcnify.verify(model, fcn, (H, W)).passed  # (H, W) as for convert: channels from the model
     with torch.no_grad():
         fcn.head.weight[0, 0, 0, 0] += 1.0
     report = fcnify.verify(model, fcn, (C, H, W))
