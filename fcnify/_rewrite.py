@@ -263,8 +263,9 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
     if lifted_inputs:
         shape = ctx.shape(lifted_inputs[0])
         out = ctx.shape(node) or ()
-        if ctx.lifted(lifted_inputs[0]).kind == "flat" and len(out) == 3 and len(shape or ()) == 3 \
-                and tuple(out[:2]) == tuple(shape[:2]) and _is_linear(node, ctx):
+        info = ctx.lifted(lifted_inputs[0])
+        if info.kind == "flat" and len(out) == 3 and tuple(out[:2]) == tuple(shape[:2]) and _is_linear(node, ctx) \
+                and _flattens_positions(lifted_inputs[0]):
             raise ctx.unsupported(
                 node,
                 f"it applies a Linear across the {shape[2]} positions of each of the {shape[1]} channels "
@@ -301,6 +302,14 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
     if maps and is_map_shape(ctx.shape(node)):
         ctx.info[node] = maps[0].derive(affine=False)
     return new
+
+
+def _flattens_positions(node: fx.Node) -> bool:
+    """``x.flatten(2)`` / ``torch.flatten(x, 2)``: a map's positions made the last axis."""
+    if node.op == "call_method" and node.target == "flatten" or node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return start == 2
+    return False
 
 
 def _is_linear(node: fx.Node, ctx: Context) -> bool:
