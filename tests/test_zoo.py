@@ -310,6 +310,8 @@ def test_check_reports_exact_refused_and_failed():
     assert exact.status == "exact" and exact.modes == {"window": "exact"}
     assert exact.max_abs_error is not None and exact.max_abs_error < 1e-3
     assert exact.output_map[0] == 1000 and exact.output_map[1] > 1
+    labelled = zoo.check(zoo.ZooEntry("torchvision", "squeezenet1_1", "squeezenet", "hybrid"), ("window",), onnx="cnn")
+    assert labelled.status == "exact" and labelled.onnx == "skipped" and "--onnx cnn" in labelled.onnx_reason
     missing = zoo.check(zoo.ZooEntry("timm", "no_such_model", "none"), modes=("window",))
     assert missing.status == "failed" and "no_such_model" in missing.reason
     table = zoo.coverage_markdown([exact, missing])
