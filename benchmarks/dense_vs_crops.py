@@ -107,8 +107,7 @@ def measure(model, fcn, size: int, stride: int, args, device):
     counted = windows * flops_crop / flops_dense
     return dict(size=size, stride=stride, windows=windows, cells=tuple(dense.shape[2:]), timed=len(logits),
                 t_dense=t_dense, dense_runs=len(times["dense"]),
-                t_crops=t_crops, speedup=t_crops / t_dense, ideal=ideal, counted=counted, diff=diff, scale=scale,
-                )
+                t_crops=t_crops, speedup=t_crops / t_dense, ideal=ideal, counted=counted, diff=diff, scale=scale)
 
 
 def main(argv=None):
@@ -180,7 +179,8 @@ def main(argv=None):
 
 
 def write_section(env, table, command, args):
-    skipped = f" Left out: {', '.join(args.skip)}." if args.skip else ""
+    skipped = (f" Left out: {', '.join(args.skip)} (by default resnet50 at stride 8 on 2048x2048: about a minute a"
+               " run and 3 GB on one busy core; `--skip` with nothing after it runs everything)." if args.skip else "")
     common.write_section("dense_vs_crops", [
         "## Dense map vs crop-by-crop classification (`benchmarks/dense_vs_crops.py`)",
         "",
@@ -200,7 +200,11 @@ def write_section(env, table, command, args):
         "- *FLOP ratio (counted)* = windows x FLOPs of one crop / FLOPs of the dense pass, both counted",
         "  by `torch.utils.flop_counter` (convolutions and matrix products): the speedup the dense map",
         "  can reach given the work it really does. *speedup / counted* near 1 means the dense pass runs",
-        "  at the same FLOP rate as the crop batches (goal >= 0.8).",
+        "  at the same FLOP rate as the crop batches (goal >= 0.8); above 1, at a higher one.",
+        "- *windows* counts the windows inside the image. A stride-8 map has 3 more rows and columns",
+        "  of cells at these sizes (40x40 cells at 512 for 37x37 windows): windows that run past the",
+        "  bottom and right edges into the zero padding. The dense pass computes them (its time includes",
+        "  them); crop-by-crop cannot, so they are neither counted nor compared.",
         "- *max abs diff*: the largest difference between a sampled crop's logits and its cell of the",
         "  dense map, next to the largest logit. It is not zero, and is not meant to be: these networks",
         "  pad their convolutions with zeros, so a crop sees zeros beyond its edges where the dense map",
