@@ -251,4 +251,4 @@ def test_cli_export_mistakes_are_one_line(tmp_path, capsys):
     assert err.startswith("fcnify: error: fcnify export writes ONNX") and "Hint:" in err and len(err.splitlines()) == 1
     assert main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", str(tmp_path / "no" / "x.onnx")]) == 1
     err = capsys.readouterr().err
-    assert "does not exist. Hint: create it first." in err and len(err.splitlines()) == 1
+    assert "does not exist. Hint: create it first" in err and len(err.splitlines()) == 1
