@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 import fcnify
+from fcnify.zoo import calibrate_batchnorm
 from fcnify.cli import main
 
 pytestmark = pytest.mark.onnx
@@ -48,21 +49,6 @@ class LeNet(nn.Module):
 @pytest.fixture(scope="module")
 def lenet_fcn():
     return fcnify.convert(LeNet().eval(), input_size=(32, 32))
-
-
-def calibrate(model):
-    """Batch-norm statistics from one random batch, so that random-weight outputs are O(1).
-
-    With torchvision's initialisation EfficientNet's logits are ~1e-14, and any export would
-    pass a comparison with them.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(2, 3, 224, 224))
-    return model.eval()
 
 
 def onnx_dims(path):
@@ -204,7 +190,7 @@ def test_a_naive_export_of_vgg_freezes_its_gemm_and_validation_says_so(tmp_path)
     [("vgg11", "window"), ("resnet18", "dense"), ("efficientnet_b0", "window"), ("convnext_tiny", "window")],
 )
 def test_torchvision_models_export_and_validate_at_three_sizes(name, mode, tmp_path):
-    fcn = fcnify.convert(calibrate(torchvision.models.get_model(name)), input_size=(224, 224), mode=mode)
+    fcn = fcnify.convert(calibrate_batchnorm(torchvision.models.get_model(name), (224, 224)), input_size=(224, 224), mode=mode)
     path = str(tmp_path / f"{name}.onnx")
     report = fcnify.export_onnx(fcn, path)
     assert report.passed and report.sizes == [(224, 224), (288, 352), (257, 289)]
