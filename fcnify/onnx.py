@@ -24,6 +24,7 @@ from torch import nn
 from torch.export import Dim
 
 from ._errors import ExportError, first_line
+from ._exportable import exportable
 from ._trace import eval_mode, second_size
 from .verify import example_input
 
@@ -296,7 +297,7 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
             # Without this, export specialises on the 1x1 map produced at the training size.
             with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver():
                 return torch.onnx.export(
-                    fcn, (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
+                    exportable(fcn), (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
                     input_names=[_INPUT_NAME], output_names=names, verbose=False,
                 )
         except Exception as err:

@@ -153,6 +153,26 @@ def test_a_mismatch_at_some_sizes_only_is_explained():
     assert "different path" not in str(info.value)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_swin_exports_right_at_its_training_size_too(version, tmp_path):
+    """torchvision's Swin skips its window shift when one window covers the map (the last stage
+    at the training size) and shifts at larger sizes: one exported graph must do both."""
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if version == 2 else {}
+    torch.manual_seed(0)
+    swin = SwinTransformer([4, 4], 16, [2, 2], [2, 2], [7, 7], num_classes=10, **extra).eval()
+    with torch.no_grad():
+        swin.head.weight.mul_(100.0)  # logits of order one, so that a shift too many shows
+    fcn = fcnify.convert(swin, input_size=(56, 56))  # last map 7x7: one window, no shift
+    path = str(tmp_path / "swin.onnx")
+    report = fcnify.export_onnx(fcn, path, validate_sizes=[(56, 56), (112, 84), (75, 101)])
+    assert report.passed and report.max_abs_error < 1e-4
+    assert assert_matches_at(fcn, path, (56, 112)) > 1.0  # one axis shifted, the other not
+    assert type(fcn.graph) is torch.fx.Graph and "shifted_window_attention" in fcn.code  # the user's model is untouched
+    assert "fcnify" not in str([n.target for n in fcn.graph.nodes if n.op == "call_function"])
+
+
 def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
     """The exporter turns AdaptiveAvgPool2d((2, 2)) into an AveragePool with the example's kernel."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((2, 2))).eval()

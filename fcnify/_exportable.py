@@ -1,0 +1,146 @@
+"""Export-time replacements for functions whose Python branches on a size would be frozen in ONNX.
+
+The dynamo exporter follows one side of every ``if`` on a symbolic size: the side the example
+input takes. Most models only branch where every size takes the same side; a few take the other
+side at their training size, and the exported file is then wrong there and right elsewhere.
+:func:`exportable` swaps such functions in a copy of the converted graph (sharing the weights)
+for equivalents that compute the choice from the size without branching.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+__all__ = ["exportable", "shifted_window_attention"]
+
+
+def shifted_window_attention(
+    input: Tensor,
+    qkv_weight: Tensor,
+    proj_weight: Tensor,
+    relative_position_bias: Tensor,
+    window_size: List[int],
+    num_heads: int,
+    shift_size: List[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: Optional[Tensor] = None,
+    proj_bias: Optional[Tensor] = None,
+    logit_scale: Optional[Tensor] = None,
+    training: bool = True,
+) -> Tensor:
+    """torchvision's ``shifted_window_attention`` (Swin and Swin V2) without a branch on the size.
+
+    torchvision skips the window shift along an axis when one window covers the padded map
+    (``if window_size[0] >= pad_H: shift_size[0] = 0``): at 224 the last stage's 7x7 map is one
+    window. Here the shift is ``min(shift, (pad_H - window) * shift)``, which is 0 exactly then,
+    the roll is an index gather by that amount and the mask is computed from positions rather
+    than by slice assignment, so one exported graph is right at every size. With a shift of 0
+    the mask is all zeros and the gather the identity, as torchvision's skipped branch.
+    """
+    B, H, W, C = input.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    shifted = sum(shift_size) > 0  # the block's configuration, the same at every size
+    if shifted:
+        shift = [torch.sym_min(s, (n - w) * s) for s, n, w in zip(shift_size, (pad_H, pad_W), window_size)]
+        x = _roll(x, shift, (pad_H, pad_W), sign=1)
+
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length : 2 * length].zero_()
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logit_scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
+        attn = attn * logit_scale
+    else:
+        q = q * (C // num_heads) ** -0.5
+        attn = q.matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+
+    if shifted:
+        # region of each position: 0 before the last window, 1 in it but not shifted in, 2 shifted in
+        regions = [
+            (pos >= n - w).to(x.dtype) + (pos >= n - s).to(x.dtype)
+            for pos, n, w, s in (
+                (torch.arange(pad_H, device=x.device), pad_H, window_size[0], shift[0]),
+                (torch.arange(pad_W, device=x.device), pad_W, window_size[1], shift[1]),
+            )
+        ]
+        attn_mask = regions[0][:, None] * 3 + regions[1][None, :]
+        attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
+        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), C)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+
+    x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if shifted:
+        x = _roll(x, shift, (pad_H, pad_W), sign=-1)
+    return x[:, :H, :W, :].contiguous()
+
+
+def _roll(x: Tensor, shift, sizes, sign: int) -> Tensor:
+    """``torch.roll(x, (-sign * shift[0], -sign * shift[1]), (1, 2))`` as gathers, for a symbolic shift.
+
+    The index is two ranges joined (``s .. n-1, 0 .. s-1``) rather than ``(i + s) % n``: the
+    ONNX translation of a remainder needs a constant divisor.
+    """
+    for dim, (s, n) in enumerate(zip(shift, sizes), start=1):
+        start = s if sign > 0 else n - s
+        index = torch.cat([torch.arange(start, n, device=x.device), torch.arange(0, start, device=x.device)])
+        x = x.index_select(dim, index)
+    return x
+
+
+def _replacements() -> Dict[Callable, Callable]:
+    table: Dict[Callable, Callable] = {}
+    try:
+        from torchvision.models import swin_transformer
+    except ImportError:  # torchvision is optional for exporting other models
+        return table
+    table[swin_transformer.shifted_window_attention] = shifted_window_attention
+    return table
+
+
+def exportable(fcn: nn.Module) -> nn.Module:
+    """``fcn`` itself, or a copy of its graph (sharing every weight) with the replacements made.
+
+    The user's model is never changed: the copy has its own graph and code, the same
+    submodules and parameters.
+    """
+    if not isinstance(fcn, fx.GraphModule):
+        return fcn
+    table = _replacements()
+    if not any(node.op == "call_function" and node.target in table for node in fcn.graph.nodes):
+        return fcn
+    graph = copy.deepcopy(fcn.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
+    return fx.GraphModule(fcn, graph, type(fcn).__name__).train(fcn.training)
