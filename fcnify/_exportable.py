@@ -143,4 +143,6 @@ def exportable(fcn: nn.Module) -> nn.Module:
     for node in graph.nodes:
         if node.op == "call_function" and node.target in table:
             node.target = table[node.target]
-    return fx.GraphModule(fcn, graph, type(fcn).__name__).train(fcn.training)
+    module = fx.GraphModule(fcn, graph, type(fcn).__name__)
+    module.training = fcn.training  # not .train(): that would set every shared submodule's mode
+    return module

@@ -25,6 +25,7 @@ from torch.export import Dim
 
 from ._errors import ExportError, first_line
 from ._exportable import exportable
+from ._onnx_pad import guard_zero_pad_before_max_pool
 from ._trace import eval_mode, second_size
 from .verify import example_input
 
@@ -80,8 +81,10 @@ class OnnxExportReport:
         checks: ONNX Runtime against PyTorch, one per validated size.
         skipped: sizes the PyTorch model itself cannot run, with the reason.
         simplified: whether onnxslim rewrote the file (it was validated again afterwards).
+        traced_size: the ``(H, W)`` the graph was traced at when the first trace (at a larger
+            size than the training size) failed validation at that size, else None.
         file_bytes: size of the file, external data included.
-        export_seconds: time spent exporting (and simplifying).
+        export_seconds: time spent exporting (and simplifying), a first trace that failed included.
         validate_seconds: time spent checking and running ONNX Runtime.
     """
 
@@ -93,6 +96,7 @@ class OnnxExportReport:
     checks: List[SizeCheck]
     skipped: List[str] = dataclasses.field(default_factory=list)
     simplified: bool = False
+    traced_size: Optional[Tuple[int, int]] = None
     file_bytes: int = 0
     export_seconds: float = 0.0
     validate_seconds: float = 0.0
@@ -121,6 +125,9 @@ class OnnxExportReport:
         ]
         lines += [f"  {c}" for c in self.checks]
         lines += [f"  skipped {s}" for s in self.skipped]
+        if self.traced_size:
+            lines.append(f"traced at {self.traced_size[0]}x{self.traced_size[1]}: the first trace failed there "
+                         "(the model takes a size-dependent path)")
         where = self.path + (f" + {self.external_data}" if self.external_data else "")
         lines.append(f"saved {where} ({self.file_bytes / 2**20:.1f} MB) in {self.export_seconds:.1f} s, "
                      f"validated in {self.validate_seconds:.1f} s")
@@ -180,34 +187,70 @@ def export_onnx(
     if simplify:
         _require_onnxslim()
     start = time.perf_counter()
-    program = _export(fcn, size, opset, dynamic_batch)
     weight_bytes = sum(t.numel() * t.element_size() for t in list(fcn.parameters()) + list(fcn.buffers()))
     external = weight_bytes > _EXTERNAL_DATA_BYTES
+    data_path = path + ".data"
+    try:
+        report = _export_and_validate(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external)
+    except ExportError as err:
+        # The graph follows the Python branches taken at the example size. A model that pads an
+        # odd map only when it is odd (timm's cpubone: `if pad_h or pad_w: x = F.pad(...)`) gives
+        # a file without the pad, which fails at odd sizes; traced at a size where the branch is
+        # taken, the pad is exported with its symbolic amount, zero at even sizes. So trace once
+        # more at the size that failed, and keep the file only if it passes at every size again.
+        traced = getattr(err, "failed_size", None)
+        first_trace = second_size(size[1:])
+        if traced is None or traced in (size[1:], first_trace) or traced[0] < size[1] or traced[1] < size[2]:
+            raise
+        try:
+            report = _export_and_validate(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external,
+                                          traced)
+        except ExportError as again:
+            raise ExportError(f"{err} (Traced again at {traced[0]}x{traced[1]}, the size that failed: "
+                              f"{first_line(again)})") from again
+        report.traced_size = traced
+    export_seconds = time.perf_counter() - start - report.validate_seconds
+    try:
+        report.external_data = data_path if os.path.exists(data_path) else None
+        if simplify and not external:
+            start_slim = time.perf_counter()
+            _simplify(path)
+            export_seconds += time.perf_counter() - start_slim
+            traced = report.traced_size
+            report = _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol)
+            report.simplified, report.traced_size = True, traced
+        elif simplify:
+            report.skipped.append("onnxslim: the model is over 2 GB, left as exported")
+    except BaseException:
+        _remove(path, data_path)
+        raise
+    report.export_seconds = export_seconds
+    report.file_bytes = os.path.getsize(path) + (os.path.getsize(data_path) if report.external_data else 0)
+    return report
+
+
+def _export_and_validate(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external,
+                         traced_size=None) -> OnnxExportReport:
+    """Export with the example input at ``traced_size`` (by default :func:`second_size`), save, validate."""
+    program = _export(fcn, size, opset, dynamic_batch, traced_size)
     data_path = path + ".data"
     if os.path.exists(data_path):
         os.remove(data_path)  # a stale weights file from an earlier export would be read instead
     program.save(path, external_data=external)
     try:
         _name_dims(path)
-        export_seconds = time.perf_counter() - start
-        report = _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol)
-        report.external_data = data_path if os.path.exists(data_path) else None
-        if simplify and not external:
-            start_slim = time.perf_counter()
-            _simplify(path)
-            export_seconds += time.perf_counter() - start_slim
-            report = _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol)
-            report.simplified = True
-        elif simplify:
-            report.skipped.append("onnxslim: the model is over 2 GB, left as exported")
+        guard_zero_pad_before_max_pool(path)  # else ONNX Runtime pads the MaxPool with -inf, not 0
+        return _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol)
     except BaseException:
-        for written in (path, data_path):  # never leave a file that looks like a success
-            if os.path.exists(written):
-                os.remove(written)
+        _remove(path, data_path)
         raise
-    report.export_seconds = export_seconds
-    report.file_bytes = os.path.getsize(path) + (os.path.getsize(data_path) if report.external_data else 0)
-    return report
+
+
+def _remove(*paths: str) -> None:
+    """Never leave a file that looks like a success."""
+    for written in paths:
+        if os.path.exists(written):
+            os.remove(written)
 
 
 def validate_onnx(
@@ -282,9 +325,11 @@ def _input_size(fcn: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[in
     return input_size
 
 
-def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dynamic_batch: bool):
+def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dynamic_batch: bool,
+            traced_size: Optional[Tuple[int, int]] = None):
     c, h, w = size
-    example = example_input(fcn, (c, *second_size((h, w))), batch=2 if dynamic_batch else 1)
+    traced_size = traced_size or second_size((h, w))
+    example = example_input(fcn, (c, *traced_size), batch=2 if dynamic_batch else 1)
     # Dim.DYNAMIC rather than named Dims: a named Dim turns any guard torch.export cannot express
     # as a range (ceil-mode pools in GoogLeNet) into an error; the names are set by _name_dims.
     dims = {2: Dim.DYNAMIC(min=h), 3: Dim.DYNAMIC(min=w)}
@@ -292,14 +337,29 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
         dims[0] = Dim.DYNAMIC(min=1)
     count = len(getattr(fcn.conversion_report, "probe_output_shapes", [()]))
     names = ["scores"] if count == 1 else [f"scores_{i}" for i in range(count)]
+    module = exportable(fcn)  # the user's model is left as it is
     with eval_mode(fcn), torch.no_grad():
         try:
             # Without this, export specialises on the 1x1 map produced at the training size.
             with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver():
-                return torch.onnx.export(
-                    exportable(fcn), (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
-                    input_names=[_INPUT_NAME], output_names=names, verbose=False,
-                )
+                try:
+                    return torch.onnx.export(
+                        module, (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
+                        input_names=[_INPUT_NAME], output_names=names, verbose=False,
+                    )
+                except Exception as err:
+                    if not _unsolved_shape_guard(err):
+                        raise
+                # torch.onnx traces with prefer_deferred_runtime_asserts_over_guards=True, which sends
+                # equalities such as "a stride-2 conv and a 2x2 max-pool give the same size" (H even,
+                # in DLA's trees: ceil(H/2) == floor(H/2)) to export's sympy solver, and sympy cannot
+                # solve floor divisions (Eq(x/32 - ((x/16)//2), 0)). Kept as ordinary guards, they
+                # only check the inputs of the ExportedProgram; ONNX has no such checks, and ONNX
+                # Runtime fails at the sizes where PyTorch fails too. Validation proves the rest.
+                program = torch.export.export(module, (example,), dynamic_shapes=(dims,), strict=False,
+                                              prefer_deferred_runtime_asserts_over_guards=False)
+                return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[_INPUT_NAME],
+                                         output_names=names, verbose=False)
         except Exception as err:
             raise ExportError(
                 f"torch.onnx.export could not export {type(fcn).__name__} (example input "
@@ -307,6 +367,21 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
                 "Hint: check that the converted model runs at larger sizes; try another opset= or "
                 "save a .pt2 with fcnify._save.save instead."
             ) from err
+
+
+def _unsolved_shape_guard(err: BaseException) -> bool:
+    """Whether export failed in torch.export's solver for shape guards (``DimConstraints.solve``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "solve" and code.co_filename.endswith("symbolic_shapes.py"):
+                return True
+            tb = tb.tb_next
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _name_dims(path: str) -> None:
@@ -397,10 +472,10 @@ def _compare(session, path: str, x: torch.Tensor, refs: List[Any], rtol: float) 
     try:
         outs = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
     except Exception as err:
-        raise ExportError(
+        raise _at_size(ExportError(
             f"ONNX Runtime fails on {path} at input {where}: {first_line(err)}. Hint: a size was frozen at "
             "export time; export an fcnify conversion (fcnify.convert) rather than the original classifier."
-        ) from err
+        ), size) from err
     refs = [r for r in refs if isinstance(r, torch.Tensor)]
     if len(outs) != len(refs):
         raise ExportError(f"{path} returns {len(outs)} outputs where PyTorch returns {len(refs)} (input {where}). "
@@ -410,14 +485,20 @@ def _compare(session, path: str, x: torch.Tensor, refs: List[Any], rtol: float) 
         ref = ref.detach().cpu().double()
         out = torch.from_numpy(out).double()
         if tuple(out.shape) != tuple(ref.shape):
-            raise ExportError(
+            raise _at_size(ExportError(
                 f"ONNX Runtime gives shape {tuple(out.shape)} where PyTorch gives {tuple(ref.shape)} at input "
                 f"{where} ({path}). Hint: a size was frozen at export time; export an fcnify conversion."
-            )
+            ), size)
         if ref.numel():
             scale = max(scale, ref.abs().max().item())
             error = max(error, (out - ref).abs().max().item())
     return SizeCheck(size, x.shape[0], [tuple(r.shape) for r in refs], error, rtol * scale)
+
+
+def _at_size(err: ExportError, size: Tuple[int, int]) -> ExportError:
+    """Mark an error as ONNX Runtime failing at one input size (where PyTorch runs): traced there, it may pass."""
+    err.failed_size = (int(size[0]), int(size[1]))
+    return err
 
 
 def _raise_on_mismatch(path: str, checks: List[SizeCheck]) -> None:
@@ -431,13 +512,13 @@ def _raise_on_mismatch(path: str, checks: List[SizeCheck]) -> None:
     # far off at some sizes, close at others: a size-dependent path, not rounding
     floor = min(c.tolerance for c in checks) / 100
     if good and min(c.max_abs_error for c in bad) > 100 * max(floor, *(c.max_abs_error for c in good)):
-        raise ExportError(
+        raise _at_size(ExportError(
             f"ONNX Runtime disagrees with PyTorch ({path}) {text}, but agrees at {', '.join(map(size, good))}: "
             "the model takes a different path at different sizes (a Python `if` on a size, e.g. torchvision's "
             "Swin skips its window shift when the window covers the map), and the exported graph follows one "
             "path at every size. Hint: run those sizes in PyTorch or from the .pt2 export; to keep the file for "
             "the sizes where it agrees, pass validate_sizes= with the sizes you will run."
-        )
+        ), bad[-1].size)
     raise ExportError(f"ONNX Runtime disagrees with PyTorch ({path}) {text}. Hint: try another opset=, or "
                       "simplify=False.")
 
@@ -446,7 +527,7 @@ def _session(path: str):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors are raised as exceptions; keep ORT's log quiet
+    options.log_severity_level = 4  # errors are raised as exceptions (and a first trace may fail); keep ORT quiet
     options.intra_op_num_threads = torch.get_num_threads()  # as many threads as PyTorch is told to use
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

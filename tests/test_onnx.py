@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import timm.layers
 import torch
 import torchvision
 from torch import nn
@@ -128,6 +129,40 @@ def test_simplify_with_onnxslim_is_validated_again(lenet_fcn, tmp_path):
     assert_matches_at(lenet_fcn, path, (44, 59), channels=1)
 
 
+class PaddedStem(nn.Module):
+    """BiT's stem (timm ``resnetv2_*_bit``): conv, zero ``ConstantPad2d``, then ``MaxPool2d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pad = nn.ConstantPad2d(1, 0.0)
+        self.pool = nn.MaxPool2d(3, 2)
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(16, 5))
+        with torch.no_grad():
+            self.conv.bias.fill_(-2.0)  # mostly negative maps: border windows pool the padding's 0
+
+    def forward(self, x):
+        return self.head(self.pool(self.pad(self.conv(x))))
+
+
+@pytest.mark.parametrize("simplify", [False, True])
+def test_a_zero_pad_before_max_pool_is_not_fused_into_the_pool_by_onnx_runtime(simplify, tmp_path):
+    """ONNX Runtime's Pad_Fusion moves a zero Pad into MaxPool's pads, which pad with -inf."""
+    torch.manual_seed(0)
+    model = PaddedStem().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fcn = fcnify.convert(model, input_size=(32, 32))
+    path = str(tmp_path / "stem.onnx")
+    report = fcnify.export_onnx(fcn, path, simplify=simplify)  # unguarded: error 0.05 at every size
+    assert report.passed and report.max_abs_error < 1e-5
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.index("Pad") < ops.index("Max") < ops.index("MaxPool")
+    assert_matches_at(fcn, path, (45, 70))  # ONNX Runtime with its default optimisations
+    assert [type(m) for m in model.modules()] == [type(m) for m in PaddedStem().modules()]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model is untouched
+
+
 def test_a_mismatch_with_pytorch_is_an_error(tmp_path):
     model = LeNet().eval()
     fcn = fcnify.convert(model, input_size=(32, 32))
@@ -182,6 +217,62 @@ def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
     with pytest.raises(fcnify.ExportError, match=frozen):
         fcnify.export_onnx(fake, str(tmp_path / "frozen.onnx"))
     assert not os.path.exists(tmp_path / "frozen.onnx")  # a failed export leaves no file behind
+
+
+class EvenDown(nn.Module):
+    """A DLA tree's downsampling: a stride-2 conv plus a 2x2 max-pooled shortcut, which needs even maps."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)  # ceil(H / 2)
+        self.pool = nn.MaxPool2d(2, 2)  # floor(H / 2)
+
+    def forward(self, x):
+        return self.conv(x) + self.pool(x)
+
+
+@timm.layers.register_notrace_module  # fx cannot follow the `if`; a leaf, as timm declares cpubone's attention
+class PadOddMaps(nn.Module):
+    """timm's cpubone attention: pad an odd map by one, stride-2 conv, upsample, crop back."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.down = nn.Conv2d(channels, channels, 2, stride=2)
+        self.up = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % 2, (-w) % 2
+        y = nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        return x + self.up(self.down(y))[..., :h, :w]
+
+
+def two_blocks(block):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), block(4), block(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+def test_a_shape_guard_the_export_solver_cannot_solve_does_not_stop_the_export(tmp_path, one_thread):
+    """timm's dla34: torch.onnx's solver fails on Eq(x/4 - ((x/2)//2), 0), "the two branches agree"."""
+    fcn = fcnify.convert(two_blocks(EvenDown), input_size=(32, 32))
+    path = str(tmp_path / "dla.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.sizes == [(32, 32), (96, 160), (128, 64)] and report.traced_size is None
+    assert report.skipped[0].startswith("65x97: the PyTorch model itself fails")  # as DLA does at odd sizes
+    assert_symbolic(path)
+    assert_matches_at(fcn, path, (40, 72))
+
+
+def test_a_branch_on_an_odd_size_is_traced_again_at_the_size_that_failed(tmp_path, one_thread):
+    """timm's cpubone_nano: traced at an even size, the pad is left out and the file fails at odd sizes."""
+    fcn = fcnify.convert(two_blocks(PadOddMaps), input_size=(32, 32))
+    path = str(tmp_path / "pad.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.sizes == [(32, 32), (96, 160), (65, 97)]
+    assert report.traced_size == (65, 97) and "traced at 65x97" in str(report)
+    assert_symbolic(path)
+    assert_matches_at(fcn, path, (47, 120))  # one odd side
+    assert_matches_at(fcn, path, (40, 72))  # even sides: the exported pad is zero there
 
 
 def test_an_unconverted_vgg_is_refused_with_a_hint(tmp_path):
