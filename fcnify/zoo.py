@@ -280,11 +280,13 @@ def timm_entries() -> List[ZooEntry]:
 
 
 def select(entries: Iterable[ZooEntry], pattern: Optional[str] = None) -> List[ZooEntry]:
-    """Entries whose name, ``library/name`` or family matches the glob ``pattern``."""
+    """Entries whose name, ``library/name`` or family matches the glob ``pattern`` (or one of
+    several, comma-separated: ``'swin*,dla*'``)."""
     entries = list(entries)
     if not pattern:
         return entries
-    return [e for e in entries if any(fnmatch.fnmatch(s, pattern) for s in (e.name, e.id, e.family))]
+    globs = [p.strip() for p in pattern.split(",") if p.strip()]
+    return [e for e in entries if any(fnmatch.fnmatch(s, g) for s in (e.name, e.id, e.family) for g in globs)]
 
 
 # -- checking one model -----------------------------------------------------------------------
@@ -649,7 +651,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``zoo`` options, shared by ``fcnify zoo`` and ``python -m fcnify.zoo``."""
     parser.add_argument("--torchvision", action="store_true", help="sweep torchvision (default: both libraries)")
     parser.add_argument("--timm", action="store_true", help="sweep one model per timm family")
-    parser.add_argument("--filter", metavar="PATTERN", help="glob on model name, library/name or family, e.g. 'resnet*'")
+    parser.add_argument("--filter", metavar="PATTERN", help="glob on model name, library/name or family, e.g. "
+                        "'resnet*'; several, comma-separated: 'swin*,dla*'")
     parser.add_argument("--kind", metavar="KINDS", help="comma-separated kinds to sweep: cnn, transformer, hybrid, mlp")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all three)")
     parser.add_argument("-o", "--output", metavar="PATH", help="write the Markdown table here (e.g. docs/coverage.md); "

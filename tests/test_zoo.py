@@ -384,6 +384,7 @@ def test_a_sweep_of_some_models_replaces_their_rows_and_recounts(tmp_path, capsy
     assert re.search(r"\| `lcnet_035` .* \| \S+ at 3 sizes \(\d+ s\) \|", text)
     assert re.search(r"\| `davit_tiny` .*\|  \|$", text, re.M)
     assert text.count("Rows of the models it matches") == 2
+    assert [e.name for e in zoo.select(zoo.timm_entries(), "lcnet_035, davit*")] == ["davit_tiny", "lcnet_035"]
     assert zoo.main(["--kind", "cnn,vit"]) == 1
     assert "unknown kind(s) vit" in capsys.readouterr().err
 
