@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["exportable", "shifted_window_attention"]
+__all__ = ["exportable", "shifted_window_attention", "adaptive_avg_pool2d"]
 
 
 def shifted_window_attention(
@@ -118,8 +118,38 @@ def _roll(x: Tensor, shift, sizes, sign: int) -> Tensor:
     return x
 
 
+def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
+    """``F.adaptive_avg_pool2d`` as two averaging matrices built from the symbolic input size.
+
+    The exporter lowers an adaptive pool to a fixed-kernel pool or to gathers with the bins of
+    the example size (timm's CSATv2 pools every block's map to 7x7 for its spatial attention),
+    and the file fails or is wrong at other sizes. Bin ``i`` of ``n`` inputs into ``out`` spans
+    ``[floor(i n / out), ceil((i + 1) n / out))``, as in PyTorch; ``None`` keeps that axis.
+    """
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    x = input
+    if out_h is not None:
+        x = _bins(x.shape[-2], out_h, x) @ x
+    if out_w is not None:
+        x = x @ _bins(x.shape[-1], out_w, x).transpose(0, 1)
+    return x
+
+
+def _bins(n, out: int, like: Tensor) -> Tensor:
+    """The ``(out, n)`` matrix that averages each adaptive-pooling bin."""
+    i = torch.arange(out, device=like.device)
+    start = (i * n) // out
+    end = ((i + 1) * n + out - 1) // out
+    r = torch.arange(n, device=like.device)
+    inside = (r[None, :] >= start[:, None]) & (r[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
 def _replacements() -> Dict[Callable, Callable]:
-    table: Dict[Callable, Callable] = {}
+    table: Dict[Callable, Callable] = {
+        F.adaptive_avg_pool2d: adaptive_avg_pool2d,
+        torch._C._nn.adaptive_avg_pool2d: adaptive_avg_pool2d,
+    }
     try:
         from torchvision.models import swin_transformer
     except ImportError:  # torchvision is optional for exporting other models
@@ -128,21 +158,44 @@ def _replacements() -> Dict[Callable, Callable]:
     return table
 
 
+def _as_function(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[tuple]:
+    """``(function, extra args)`` for a module call to replace, else None."""
+    if node.op != "call_module":
+        return None
+    module = modules.get(node.target)
+    if type(module) is nn.AdaptiveAvgPool2d and module.output_size not in (1, (1, 1)):
+        return adaptive_avg_pool2d, (module.output_size,)
+    return None
+
+
 def exportable(fcn: nn.Module) -> nn.Module:
     """``fcn`` itself, or a copy of its graph (sharing every weight) with the replacements made.
 
     The user's model is never changed: the copy has its own graph and code, the same
-    submodules and parameters.
+    submodules and parameters. A global average pool (output 1x1) exports well as it is.
     """
     if not isinstance(fcn, fx.GraphModule):
         return fcn
     table = _replacements()
-    if not any(node.op == "call_function" and node.target in table for node in fcn.graph.nodes):
+    modules = dict(fcn.named_modules())
+
+    def replaced(node: fx.Node) -> bool:
+        if node.op == "call_function" and node.target in table:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            return table[node.target] is not adaptive_avg_pool2d or size not in (1, (1, 1), [1, 1])
+        return _as_function(node, modules) is not None
+
+    if not any(replaced(node) for node in fcn.graph.nodes):
         return fcn
     graph = copy.deepcopy(fcn.graph)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in table:
+        if not replaced(node):
+            continue
+        if node.op == "call_function":
             node.target = table[node.target]
+        else:
+            function, extra = _as_function(node, modules)
+            node.op, node.target, node.args = "call_function", function, (*node.args, *extra)
     module = fx.GraphModule(fcn, graph, type(fcn).__name__)
     module.training = fcn.training  # not .train(): that would set every shared submodule's mode
     return module

@@ -208,6 +208,33 @@ def test_swin_exports_right_at_its_training_size_too(version, tmp_path):
     assert "fcnify" not in str([n.target for n in fcn.graph.nodes if n.op == "call_function"])
 
 
+class SpatialGate(nn.Module):
+    """timm's CSATv2 attention: the map pooled adaptively to a few cells gates every position."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d((3, 3))
+        self.conv = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, x):
+        gate = nn.functional.interpolate(self.conv(self.pool(x)), size=x.shape[2:], mode="bilinear",
+                                         align_corners=True)
+        return x * gate.sigmoid()
+
+
+def test_an_adaptive_pool_inside_the_network_exports_for_every_size(tmp_path, one_thread):
+    """The exporter lowers AdaptiveAvgPool2d((3, 3)) with the example's bins: wrong or failing elsewhere."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SpatialGate(8), nn.Conv2d(8, 8, 3, stride=2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    fcn = fcnify.convert(net, input_size=(32, 32), mode="global")
+    path = str(tmp_path / "gate.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.max_abs_error < 1e-5 and report.traced_size is None
+    assert assert_matches_at(fcn, path, (50, 37)) > 0.1
+    assert type(fcn.get_submodule("1.pool")) is nn.AdaptiveAvgPool2d  # the user's model is untouched
+
+
 def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
     """The exporter turns AdaptiveAvgPool2d((2, 2)) into an AveragePool with the example's kernel."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((2, 2))).eval()
