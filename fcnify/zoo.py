@@ -215,12 +215,14 @@ class ZooResult:
         output_map: window-mode output ``(K, h, w)`` at ``probe_size``.
         seconds: CPU time of the process for the model, building it included, ONNX excluded (CPU
             time rather than wall time: other jobs on the machine do not inflate it).
-        onnx: the ONNX result of the window-mode conversion: ``exported`` (validated in ONNX
+        onnx: the ONNX result of the window-mode conversion (of the first mode that converts when
+            window mode is refused): ``exported`` (validated in ONNX
             Runtime at three sizes), ``failed`` or ``skipped`` (``None``: not run).
         onnx_reason: why the export failed or was skipped.
         onnx_error: ONNX Runtime vs PyTorch max abs error over the validated sizes.
         onnx_sizes: the ``(H, W)`` sizes validated in ONNX Runtime.
         onnx_seconds: CPU time for exporting and validating.
+        onnx_mode: the mode that was exported.
     """
 
     entry: ZooEntry
@@ -238,6 +240,7 @@ class ZooResult:
     onnx_error: Optional[float] = None
     onnx_sizes: Optional[List[Tuple[int, int]]] = None
     onnx_seconds: float = 0.0
+    onnx_mode: str = ""
 
 
 # -- the model lists --------------------------------------------------------------------------
@@ -333,8 +336,8 @@ def build_model(entry: ZooEntry) -> Tuple[nn.Module, Tuple[int, int]]:
 def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: Union[bool, str] = False) -> ZooResult:
     """Build ``entry``, convert it in every mode from one trace, verify, and free it.
 
-    With ``onnx``, the window-mode conversion is also exported with :func:`fcnify.export_onnx`
-    and validated in ONNX Runtime at three sizes; ``onnx="cnn"`` exports CNNs only (the
+    With ``onnx``, the window-mode conversion (or the first mode that converts) is also exported
+    with :func:`fcnify.export_onnx` and validated in ONNX Runtime at three sizes; ``onnx="cnn"`` exports CNNs only (the
     dynamo exporter can take tens of CPU-minutes on an attention model: DaViT-tiny, 27). Never raises for a model that fails: the
     error goes into the result.
     """
@@ -367,11 +370,12 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: U
                 result.max_rel_error = max([result.max_rel_error or 0.0] + [o.max_rel_error for o in checked])
                 if mode == "window" or result.output_map is None:
                     result.output_map = tuple(report.probe_output_shapes[0][1:])
-                if onnx and mode == "window":
+                if onnx and result.onnx is None:  # window mode, or the first mode that converts
                     if onnx == "cnn" and entry.kind != "cnn":
                         result.onnx, result.onnx_reason = "skipped", f"not exported: {entry.kind} (--onnx cnn)"
                     else:
                         _check_onnx(fcn, result)
+                        result.onnx_mode = mode
                 fcn = None
         result.status = _status(result.modes)
         if errors:
@@ -483,7 +487,8 @@ def _short(reason: str, limit: int = 400) -> str:
 
 def _onnx_cell(r: ZooResult) -> str:
     if r.onnx == "exported":
-        return f"{r.onnx_error:.1e} at {len(r.onnx_sizes or [])} sizes ({r.onnx_seconds:.0f} s)"
+        mode = f", {r.onnx_mode} mode" if r.onnx_mode and r.onnx_mode != "window" else ""
+        return f"{r.onnx_error:.1e} at {len(r.onnx_sizes or [])} sizes ({r.onnx_seconds:.0f} s{mode})"
     if r.onnx == "failed":
         return f"failed: {_short(r.onnx_reason, 300)}"
     if r.onnx == "skipped":
@@ -552,7 +557,8 @@ def coverage_markdown(results: Sequence[ZooResult], command: str = "fcnify zoo")
     ]
     if onnx:
         lines += [
-            "*ONNX*: the window-mode conversion exported with `fcnify.export_onnx` (dynamo exporter, symbolic "
+            "*ONNX*: the window-mode conversion (or, when window mode is refused, the first mode that "
+            "converts) exported with `fcnify.export_onnx` (dynamo exporter, symbolic "
             "batch, height and width), checked with `onnx.checker` and run in ONNX Runtime at the training "
             "size, a larger non-square size and an odd size; the cell gives the largest ONNX Runtime vs "
             "PyTorch difference over those sizes and the CPU time to export and validate.",
