@@ -341,7 +341,7 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
     with eval_mode(fcn), torch.no_grad():
         try:
             # Without this, export specialises on the 1x1 map produced at the training size.
-            with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver():
+            with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver(), _rnn_decompositions():
                 try:
                     return torch.onnx.export(
                         module, (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
@@ -367,6 +367,32 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
                 "Hint: check that the converted model runs at larger sizes; try another opset= or "
                 "save a .pt2 with fcnify._save.save instead."
             ) from err
+
+
+@contextlib.contextmanager
+def _rnn_decompositions():
+    """Give ``aten.lstm`` and ``aten.gru`` a symbolic sequence length for the whole export.
+
+    Their C++ kernel loops over the time steps, so on fake tensors it specialises the sequence
+    length (timm's Sequencer runs an LSTM along every row and every column: the length is the
+    map's width or height). ``torch.onnx.export`` swaps in while_loop decompositions (PyTorch's
+    ``register_lstm_while_loop_decomposition``) while it captures the graph, but not while it
+    decomposes the captured program for ONNX: the LSTM output there has the example's length,
+    and a following ``reshape(B, H, W, -1)`` gets ``-1`` computed as a constant divided by the
+    width (ONNX Runtime then fails at every other size). Kept for the whole export, the output
+    length stays symbolic and the ONNX ``LSTM`` node takes any length; the decompositions only
+    give shapes, the exported graph still calls ``LSTM``, which computes the same numbers.
+    """
+    try:
+        from torch.export._patches import (
+            register_gru_while_loop_decomposition,
+            register_lstm_while_loop_decomposition,
+        )
+    except ImportError:  # older PyTorch: the exporter does not have them either
+        yield
+        return
+    with register_lstm_while_loop_decomposition(), register_gru_while_loop_decomposition():
+        yield
 
 
 def _unsolved_shape_guard(err: BaseException) -> bool:

@@ -302,6 +302,37 @@ def test_a_branch_on_an_odd_size_is_traced_again_at_the_size_that_failed(tmp_pat
     assert_matches_at(fcn, path, (40, 72))  # even sides: the exported pad is zero there
 
 
+class RowsAndColumnsLSTM(nn.Module):
+    """timm's Sequencer: bidirectional LSTMs along every column and every row, ``reshape(B, W, H, -1)`` after."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, 4)
+        self.rnn_v = nn.LSTM(8, 4, batch_first=True, bidirectional=True)
+        self.rnn_h = nn.GRU(8, 4, batch_first=True, bidirectional=True)  # GRUs have the same decomposition
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        v, _ = self.rnn_v(x.permute(0, 2, 1, 3).reshape(-1, H, C))
+        h, _ = self.rnn_h(x.reshape(-1, W, C))
+        x = x + v.reshape(B, W, H, -1).permute(0, 2, 1, 3) + h.reshape(B, H, W, -1)
+        return self.head(x.mean((1, 2)))
+
+
+def test_an_lstm_along_rows_and_columns_exports_for_every_length(tmp_path, one_thread):
+    """timm's sequencer2d_s: the exporter decomposes the LSTM with the example's sequence length."""
+    torch.manual_seed(0)
+    fcn = fcnify.convert(RowsAndColumnsLSTM().eval(), input_size=(16, 16))
+    path = str(tmp_path / "lstm.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.max_abs_error < 1e-5 and report.traced_size is None
+    assert_symbolic(path)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("LSTM") == 1  # one node, any length
+    assert assert_matches_at(fcn, path, (44, 28)) > 0.1
+
+
 def test_an_unconverted_vgg_is_refused_with_a_hint(tmp_path):
     vgg = torchvision.models.vgg11().eval()
     with pytest.raises(fcnify.ExportError, match=r"VGG is not an fcnify conversion.*Hint: fcn = fcnify.convert"):
