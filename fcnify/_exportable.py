@@ -145,10 +145,53 @@ def _bins(n, out: int, like: Tensor) -> Tensor:
     return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
 
 
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` computed on 4D tensors, whatever the rank of its inputs.
+
+    The exporter translates SDPA for 4D ``(batch, heads, L, E)`` inputs only ("only 4D query,
+    key, and value are supported"), while PyTorch takes any rank: timm's SAM ViT folds the
+    heads into the batch, ``(B * heads, N, d)`` with a ``(B * heads, N, N)`` relative-position
+    bias. Lower ranks get leading dims of 1 (as broadcasting does) and lose them afterwards;
+    higher ranks have the dims before the heads (``-3``, which grouped-query attention splits)
+    broadcast and flattened into one. Only views and reshapes around PyTorch's own SDPA: 4D
+    calls pass through as they are, and SAM's 3D ones give the same numbers bit for bit (on
+    CPU, PyTorch 2.14); ranks 2 and 5+, which PyTorch sends to its math kernel rather than the
+    4D one, agree to rounding (below 1e-6).
+    """
+    tensors = [query, key, value] + ([attn_mask] if attn_mask is not None else [])
+    rank = max(t.dim() for t in tensors)
+    kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+    if enable_gqa:  # not passed otherwise: PyTorch 2.4 has no such argument
+        kwargs["enable_gqa"] = True
+    if all(t.dim() == 4 for t in tensors[:3]) and rank == 4:
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
+    padded = [t[(None,) * (max(rank, 4) - t.dim())] for t in tensors]
+    lead = None
+    if rank > 4:
+        lead = torch.broadcast_shapes(*(t.shape[:-3] for t in padded))
+        padded = [t.expand(*lead, *t.shape[-3:]).reshape(-1, *t.shape[-3:]) for t in padded]
+    if attn_mask is not None:
+        kwargs["attn_mask"] = padded[3]
+    out = F.scaled_dot_product_attention(*padded[:3], **kwargs)
+    if lead is not None:
+        return out.reshape(*lead, *out.shape[-3:])
+    return out.flatten(0, 4 - rank)
+
+
 def _replacements() -> Dict[Callable, Callable]:
     table: Dict[Callable, Callable] = {
         F.adaptive_avg_pool2d: adaptive_avg_pool2d,
         torch._C._nn.adaptive_avg_pool2d: adaptive_avg_pool2d,
+        F.scaled_dot_product_attention: scaled_dot_product_attention,  # torch._C._nn's, as fx records it
     }
     try:
         from torchvision.models import swin_transformer

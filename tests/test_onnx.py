@@ -246,6 +246,63 @@ def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
     assert not os.path.exists(tmp_path / "frozen.onnx")  # a failed export leaves no file behind
 
 
+class HeadsInBatchAttention(nn.Module):
+    """timm's SAM ViT attention: q, k, v as (B * heads, N, d) and a (B * heads, N, N) position bias."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        N = H * W
+        qkv = self.qkv(x.flatten(2).transpose(1, 2)).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.heads, N, -1).unbind(0)
+        bias = q[..., :1] * k[..., :1].transpose(-2, -1)  # depends on the size, as the relative positions
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        y = y.view(B, self.heads, N, -1).transpose(1, 2).reshape(B, N, -1)
+        return x + self.proj(y).transpose(1, 2).reshape(B, C, H, W)
+
+
+def test_attention_on_3d_query_key_and_value_exports(tmp_path, one_thread):
+    """The exporter translates scaled_dot_product_attention for 4D inputs only; timm's samvit gives 3D."""
+    from fcnify._exportable import exportable
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), HeadsInBatchAttention(8, 2), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 3)).eval()
+    fcn = fcnify.convert(net, input_size=(32, 32))
+    path = str(tmp_path / "sam.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.max_abs_error < 1e-5
+    assert_symbolic(path)
+    assert assert_matches_at(fcn, path, (44, 76)) > 0.1
+    sdpa = nn.functional.scaled_dot_product_attention
+    assert any(n.target is sdpa for n in fcn.graph.nodes)  # the user's model is untouched
+    assert not any(n.target is sdpa for n in exportable(fcn).graph.nodes)
+
+
+@pytest.mark.parametrize("q, k, mask", [
+    ((6, 33, 16), (6, 35, 16), (6, 33, 35)),  # timm's samvit
+    ((6, 33, 16), (6, 35, 16), None),
+    ((33, 16), (35, 16), (33, 35)),
+    ((2, 3, 4, 33, 16), (1, 3, 4, 35, 16), (4, 33, 35)),  # broadcast batch dims
+    ((2, 4, 33, 16), (2, 4, 35, 16), (33, 35)),
+])
+def test_attention_on_any_rank_computes_what_pytorch_does(q, k, mask):
+    from fcnify._exportable import scaled_dot_product_attention as exportable_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(q), torch.randn(k), torch.randn(k)
+    mask = None if mask is None else torch.randn(mask)
+    ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = exportable_attention(q, k, v, attn_mask=mask)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # 3D: bit for bit with PyTorch 2.14 on CPU
+
+
 class EvenDown(nn.Module):
     """A DLA tree's downsampling: a stride-2 conv plus a 2x2 max-pooled shortcut, which needs even maps."""
 
