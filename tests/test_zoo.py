@@ -442,30 +442,19 @@ def test_coverage_doc_has_every_timm_family_and_every_cnn_family_is_exact():
 #: Converted models whose ONNX export fails validation in docs/coverage.md, each with the reason
 #: found. Any other failure in the table fails the test.
 KNOWN_ONNX_FAILURES = {
-    "swin_t": "the exported graph always shifts its windows; torchvision skips the shift when one window "
-              "covers the last map (at 224): wrong at 224, right at larger sizes",
-    "swin_s": "as swin_t", "swin_b": "as swin_t", "swin_v2_t": "as swin_t", "swin_v2_s": "as swin_t",
-    "swin_v2_b": "as swin_t",
-    "cpubone_nano": "an exporter bug: timm's own forward_features, exported the same way without fcnify, "
-                    "fails in ONNX Runtime at odd sizes in the same Add (18 by 19)",
-    "dla34": "torch.export cannot solve a floor-division guard (Eq(x/32 - ((x/16)//2), 0)); timm's own "
-             "forward_features fails to export with dynamic height and width the same way",
-    "dla46_c": "as dla34",
-    "resnetv2_50x1_bit": "ONNX Runtime differs by 1.5e-3 to 2.7e-3 (largest logit about 1) at all three sizes "
-                         "alike, just over the 1e-3 tolerance: rounding, not a size-dependent path; not yet "
-                         "investigated",
+    "mobilenetv5_300m": "global mode only; its fusion adapter resizes to a fixed resolution with a three-way "
+                        "Python branch on the size (identity, average pool, bilinear), and the exported graph "
+                        "follows the branch of the example size: wrong at 768x768",
 }
 
 
-def test_coverage_doc_onnx_column_every_converted_cnn_exports():
+def test_coverage_doc_onnx_column_every_converted_model_exports():
     rows = [line.split("|")[1:-1] for line in open(COVERAGE) if line.startswith("| `")]
     assert all(len(r) == 9 for r in rows), "docs/coverage.md has no ONNX column: run fcnify zoo --onnx"
     for cells in rows:
-        name, kind, status, onnx = cells[0].strip(" `"), cells[2].strip(), cells[4].strip(), cells[8].strip()
-        if not status.startswith(("exact", "partial")) or onnx == "not converted":
-            continue  # nothing to export (a partial conversion may lack window mode)
-        if kind != "cnn" and onnx.startswith("not exported"):
-            continue  # --onnx cnn
+        name, status, onnx = cells[0].strip(" `"), cells[4].strip(), cells[8].strip()
+        if not status.startswith(("exact", "partial")):
+            continue  # nothing to export
         if name in KNOWN_ONNX_FAILURES:
             assert onnx.startswith("failed"), f"{name} now exports: take it off KNOWN_ONNX_FAILURES"
             continue
