@@ -1,10 +1,11 @@
-"""Export-time replacements for functions whose Python branches on a size would be frozen in ONNX.
+"""Export-time replacements for code the dynamo exporter gets wrong at sizes other than the example's.
 
-The dynamo exporter follows one side of every ``if`` on a symbolic size: the side the example
-input takes. Most models only branch where every size takes the same side; a few take the other
-side at their training size, and the exported file is then wrong there and right elsewhere.
-:func:`exportable` swaps such functions in a copy of the converted graph (sharing the weights)
-for equivalents that compute the choice from the size without branching.
+The exporter follows one side of every ``if`` on a symbolic size, the side the example input
+takes: torchvision's Swin takes the other side at its training size, and the file is wrong
+there and right elsewhere. It lowers an adaptive pool with the example's bins, and it
+translates attention for 4D tensors only. :func:`exportable` swaps such functions, in a copy
+of the converted graph that shares the weights, for equivalents that compute the same numbers
+from the symbolic size without branching. docs/onnx.md shows each problem without fcnify.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-__all__ = ["exportable", "shifted_window_attention", "adaptive_avg_pool2d"]
+__all__ = ["exportable", "shifted_window_attention", "adaptive_avg_pool2d", "scaled_dot_product_attention"]
 
 
 def shifted_window_attention(
