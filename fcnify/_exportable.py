@@ -5,20 +5,26 @@ takes: torchvision's Swin takes the other side at its training size, and the fil
 there and right elsewhere. It lowers an adaptive pool with the example's bins, and it
 translates attention for 4D tensors only. :func:`exportable` swaps such functions, in a copy
 of the converted graph that shares the weights, for equivalents that compute the same numbers
-from the symbolic size without branching. docs/onnx.md shows each problem without fcnify.
+from the symbolic size without branching, and modules with such branches (timm's MobileNetV5
+MSFA) for stand-ins holding the same submodules. docs/onnx.md shows each problem without fcnify.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ["exportable", "shifted_window_attention", "adaptive_avg_pool2d", "scaled_dot_product_attention"]
+__all__ = [
+    "exportable", "shifted_window_attention", "adaptive_avg_pool2d", "scaled_dot_product_attention",
+    "MultiScaleFusion",
+]
 
 
 def shifted_window_attention(
@@ -187,6 +193,66 @@ def scaled_dot_product_attention(
         return out.reshape(*lead, *out.shape[-3:])
     return out.flatten(0, 4 - rank)
 
+class MultiScaleFusion(nn.Module):
+    """timm's ``MobileNetV5MultiScaleFusionAdapter`` (MobileNetV5's MSFA) without branches on the size.
+
+    The adapter upsamples the lower-resolution maps to the first one's size, concatenates them,
+    runs its ``ffn`` and brings the result to ``output_resolution``: unchanged if the map is that
+    size already, average-pooled with kernel = stride = H / out if it is a multiple, else
+    resized bilinearly. Exported at a size where the map is not a multiple (mobilenetv5_300m
+    at 832x896), the file resizes at 768x768 too, where timm pools. When H is a multiple of
+    out, that pool has the bins of an adaptive pool to ``out``, and an adaptive pool to the
+    same size is the identity: so the result is the adaptive pool where H and W are multiples
+    of out, else the bilinear resize. Both are computed, the adaptive pool with averaging
+    matrices built from the symbolic size, and ``torch.where`` picks one by a condition
+    computed from the size as a tensor. Holds the adapter's ``ffn`` and ``norm`` (shared).
+
+    The maps are resized to the first one's size unless their size is known to be the same
+    (resizing to the same size is the identity): where timm would not resize a map of another
+    size, its concatenation fails.
+    """
+
+    def __init__(self, adapter: nn.Module):
+        super().__init__()
+        self.ffn, self.norm = adapter.ffn, adapter.norm
+        self.output_resolution = tuple(adapter.output_resolution)
+        self.interpolation_mode = adapter.interpolation_mode
+        self.training = adapter.training
+
+    def forward(self, inputs: List[Tensor]) -> Tensor:
+        high = inputs[0].shape[-2:]
+        resized = [inputs[0]]
+        for img in inputs[1:]:
+            if not all(statically_known_true(n == m) for n, m in zip(img.shape[-2:], high)):
+                img = F.interpolate(img, size=high, mode=self.interpolation_mode)
+            resized.append(img)
+        img = self.ffn(torch.cat(resized, dim=1))
+        out = self.output_resolution
+        pooled = adaptive_avg_pool2d(img, out)
+        bilinear = F.interpolate(img, size=out, mode="bilinear")
+        zero = torch.zeros((), dtype=torch.int64, device=img.device)
+        divisible = ((zero + high[0]) % out[0] == 0) & ((zero + high[1]) % out[1] == 0)  # a tensor, not a guard
+        return self.norm(torch.where(divisible, pooled, bilinear))
+
+
+def _fusion_adapters(fcn: fx.GraphModule) -> fx.GraphModule:
+    """``fcn``, or a copy of it whose timm MSFA modules are :class:`MultiScaleFusion` (same weights)."""
+    timm_module = sys.modules.get("timm.models.mobilenetv5")  # imported if the model holds one
+    adapter = getattr(timm_module, "MobileNetV5MultiScaleFusionAdapter", None)
+    if adapter is None:
+        return fcn
+    targets = [node.target for node in fcn.graph.nodes
+               if node.op == "call_module" and type(fcn.get_submodule(node.target)) is adapter]
+    if not targets:
+        return fcn
+    module = fx.GraphModule(fcn, copy.deepcopy(fcn.graph), type(fcn).__name__)
+    for target in targets:
+        parent, _, name = target.rpartition(".")
+        holder = module.get_submodule(parent)
+        if holder is not fcn.get_submodule(parent):  # the copy's own container, never the user's module
+            setattr(holder, name, MultiScaleFusion(fcn.get_submodule(target)))
+    return module
+
 
 def _replacements() -> Dict[Callable, Callable]:
     table: Dict[Callable, Callable] = {
@@ -220,6 +286,7 @@ def exportable(fcn: nn.Module) -> nn.Module:
     """
     if not isinstance(fcn, fx.GraphModule):
         return fcn
+    fcn = _fusion_adapters(fcn)
     table = _replacements()
     modules = dict(fcn.named_modules())
 

@@ -302,6 +302,54 @@ def test_attention_on_any_rank_computes_what_pytorch_does(q, k, mask):
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # 3D: bit for bit with PyTorch 2.14 on CPU
 
+class TwoScales(nn.Module):
+    """mobilenetv5_300m's end: timm's MSFA fuses the stride-2 and stride-4 maps and brings them to 6x6."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.mobilenetv5 import MobileNetV5MultiScaleFusionAdapter
+
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.msfa = MobileNetV5MultiScaleFusionAdapter(in_chs=[8, 16], out_chs=16, output_resolution=6)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.head(self.msfa([a, self.b(a)]).mean((2, 3)))
+
+
+def test_mobilenetv5_msfa_exports_right_at_its_training_size_too(tmp_path, one_thread):
+    """The MSFA average-pools a map that is a multiple of its output size (24x24 at the training size
+    48x48), else resizes it bilinearly (40x56 at the 80x112 example): one graph must do both."""
+    torch.manual_seed(0)
+    fcn = fcnify.convert(TwoScales().eval(), input_size=(48, 48), mode="global")
+    assert "msfa" in [n.target for n in fcn.graph.nodes if n.op == "call_module"]
+    path = str(tmp_path / "msfa.onnx")
+    report = fcnify.export_onnx(fcn, path)
+    assert report.passed and report.max_abs_error < 1e-5 and report.traced_size is None
+    assert assert_matches_at(fcn, path, (96, 72)) > 0.1  # 48x36: pooled by 8 and 6
+    assert type(fcn.get_submodule("msfa")).__name__ == "MobileNetV5MultiScaleFusionAdapter"  # the user's model is untouched
+    from fcnify._exportable import exportable, MultiScaleFusion
+
+    assert type(exportable(fcn).get_submodule("msfa")) is MultiScaleFusion
+
+
+@pytest.mark.parametrize("size", [(24, 24), (6, 6), (18, 30), (6, 18), (25, 31), (20, 6), (4, 5)])
+def test_the_exportable_msfa_equals_timms(size):
+    """Equal maps: the identity; multiples: the pool; else (odd, smaller): the bilinear resize."""
+    from timm.models.mobilenetv5 import MobileNetV5MultiScaleFusionAdapter
+    from fcnify._exportable import MultiScaleFusion
+
+    torch.manual_seed(0)
+    msfa = MobileNetV5MultiScaleFusionAdapter(in_chs=[4, 8], out_chs=8, output_resolution=6).eval()
+    high, low = torch.randn(2, 4, *size), torch.randn(2, 8, (size[0] + 1) // 2, (size[1] + 1) // 2)
+    with torch.no_grad():
+        ref = msfa([high, low])
+        out = MultiScaleFusion(msfa)([high, low])
+    assert out.shape == ref.shape == (2, 8, 6, 6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
 
 class EvenDown(nn.Module):
     """A DLA tree's downsampling: a stride-2 conv plus a 2x2 max-pooled shortcut, which needs even maps."""
