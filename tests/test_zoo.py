@@ -441,11 +441,7 @@ def test_coverage_doc_has_every_timm_family_and_every_cnn_family_is_exact():
 
 #: Converted models whose ONNX export fails validation in docs/coverage.md, each with the reason
 #: found. Any other failure in the table fails the test.
-KNOWN_ONNX_FAILURES = {
-    "mobilenetv5_300m": "global mode only; its fusion adapter resizes to a fixed resolution with a three-way "
-                        "Python branch on the size (identity, average pool, bilinear), and the exported graph "
-                        "follows the branch of the example size: wrong at 768x768",
-}
+KNOWN_ONNX_FAILURES: dict = {}
 
 
 def test_coverage_doc_onnx_column_every_converted_model_exports():
