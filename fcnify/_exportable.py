@@ -235,23 +235,9 @@ class MultiScaleFusion(nn.Module):
         return self.norm(torch.where(divisible, pooled, bilinear))
 
 
-def _fusion_adapters(fcn: fx.GraphModule) -> fx.GraphModule:
-    """``fcn``, or a copy of it whose timm MSFA modules are :class:`MultiScaleFusion` (same weights)."""
-    timm_module = sys.modules.get("timm.models.mobilenetv5")  # imported if the model holds one
-    adapter = getattr(timm_module, "MobileNetV5MultiScaleFusionAdapter", None)
-    if adapter is None:
-        return fcn
-    targets = [node.target for node in fcn.graph.nodes
-               if node.op == "call_module" and type(fcn.get_submodule(node.target)) is adapter]
-    if not targets:
-        return fcn
-    module = fx.GraphModule(fcn, copy.deepcopy(fcn.graph), type(fcn).__name__)
-    for target in targets:
-        parent, _, name = target.rpartition(".")
-        holder = module.get_submodule(parent)
-        if holder is not fcn.get_submodule(parent):  # the copy's own container, never the user's module
-            setattr(holder, name, MultiScaleFusion(fcn.get_submodule(target)))
-    return module
+def _fusion_adapter_class() -> Optional[type]:
+    """timm's MSFA class if timm's MobileNetV5 module is loaded (it is when a model holds one)."""
+    return getattr(sys.modules.get("timm.models.mobilenetv5"), "MobileNetV5MultiScaleFusionAdapter", None)
 
 
 def _replacements() -> Dict[Callable, Callable]:
@@ -268,13 +254,27 @@ def _replacements() -> Dict[Callable, Callable]:
     return table
 
 
-def _as_function(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[tuple]:
-    """``(function, extra args)`` for a module call to replace, else None."""
+def _is_global(output_size) -> bool:
+    """An adaptive pool to 1x1: a mean, which exports well as it is."""
+    return output_size in (1, (1, 1), [1, 1])
+
+
+def _swap(node: fx.Node, table: Dict[Callable, Callable], modules: Dict[str, nn.Module]) -> Optional[tuple]:
+    """What replaces ``node`` in the copy: ``("function", f)`` for its target, ``("pool", size)`` for
+    an ``nn.AdaptiveAvgPool2d`` call, ``("module", stand_in)`` for its submodule; None to keep it."""
+    if node.op == "call_function" and node.target in table:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        if table[node.target] is adaptive_avg_pool2d and _is_global(size):
+            return None
+        return "function", table[node.target]
     if node.op != "call_module":
         return None
     module = modules.get(node.target)
-    if type(module) is nn.AdaptiveAvgPool2d and module.output_size not in (1, (1, 1)):
-        return adaptive_avg_pool2d, (module.output_size,)
+    if type(module) is nn.AdaptiveAvgPool2d and not _is_global(module.output_size):
+        return "pool", module.output_size
+    adapter = _fusion_adapter_class()
+    if adapter is not None and type(module) is adapter:
+        return "module", MultiScaleFusion(module)
     return None
 
 
@@ -282,31 +282,30 @@ def exportable(fcn: nn.Module) -> nn.Module:
     """``fcn`` itself, or a copy of its graph (sharing every weight) with the replacements made.
 
     The user's model is never changed: the copy has its own graph and code, the same
-    submodules and parameters. A global average pool (output 1x1) exports well as it is.
+    submodules and parameters, and stand-ins (:class:`MultiScaleFusion`) in containers of its
+    own. A global average pool (output 1x1) exports well as it is.
     """
     if not isinstance(fcn, fx.GraphModule):
         return fcn
-    fcn = _fusion_adapters(fcn)
-    table = _replacements()
-    modules = dict(fcn.named_modules())
-
-    def replaced(node: fx.Node) -> bool:
-        if node.op == "call_function" and node.target in table:
-            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-            return table[node.target] is not adaptive_avg_pool2d or size not in (1, (1, 1), [1, 1])
-        return _as_function(node, modules) is not None
-
-    if not any(replaced(node) for node in fcn.graph.nodes):
+    table, modules = _replacements(), dict(fcn.named_modules())
+    swaps = {node.name: swap for node in fcn.graph.nodes if (swap := _swap(node, table, modules))}
+    if not swaps:
         return fcn
     graph = copy.deepcopy(fcn.graph)
+    stand_ins = {}
     for node in graph.nodes:
-        if not replaced(node):
-            continue
-        if node.op == "call_function":
-            node.target = table[node.target]
-        else:
-            function, extra = _as_function(node, modules)
-            node.op, node.target, node.args = "call_function", function, (*node.args, *extra)
+        kind, value = swaps.get(node.name, (None, None))
+        if kind == "function":
+            node.target = value
+        elif kind == "pool":
+            node.op, node.target, node.args = "call_function", adaptive_avg_pool2d, (*node.args, value)
+        elif kind == "module":
+            stand_ins[node.target] = value
     module = fx.GraphModule(fcn, graph, type(fcn).__name__)
+    for target, stand_in in stand_ins.items():
+        parent, _, name = target.rpartition(".")
+        holder = module.get_submodule(parent)
+        if holder is not fcn.get_submodule(parent):  # the copy's own container, never the user's module
+            setattr(holder, name, stand_in)
     module.training = fcn.training  # not .train(): that would set every shared submodule's mode
     return module
