@@ -226,7 +226,7 @@ def calibrated(model, size=(224, 224)):
     """``model`` with batch-norm statistics from random data at ``size`` (logits of order one), in eval mode."""
     import torch
 
-    from fcnify.zoo import calibrate_batchnorm
+    from fcnify.models import calibrate_batchnorm
 
     torch.manual_seed(0)
     return calibrate_batchnorm(model, tuple(size))

@@ -1,9 +1,9 @@
 """Time of ``fcnify.convert`` itself: trace, rewrite, verify.
 
 For each model, median of ``--repeat`` conversions, split into the phases ``convert`` runs:
-``prepare`` (torch.fx trace, and the traced model run at the training size and at a larger
-probe size to record every node's shape), ``build`` without verification (head rewrite,
-recompile, probe run of the result) and ``verify`` (original vs converted at the training size,
+``prepare`` (:func:`fcnify.trace`: torch.fx trace, and the traced model run at the training size and at a
+larger probe size to record every node's shape), ``build`` (``Traced.convert`` without verification: head
+rewrite, recompile, probe run of the result) and ``verify`` (original vs converted at the training size,
 batch 2). The whole ``convert`` call is timed as well, and once more with ``output_stride=8``
 (which adds a second verification of every native cell). The full sweep over every torchvision
 and timm classifier is in docs/coverage.md (its table has a time column).
@@ -23,7 +23,6 @@ import torch
 import torchvision
 
 import fcnify
-from fcnify._convert import build, prepare
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
@@ -64,11 +63,12 @@ def main(argv=None):
         if not results:  # the process's first conversion pays one-time costs (lazy imports, first kernels)
             cold, _ = timed(lambda: fcnify.convert(model, input_size=SIZE))
         for _ in range(args.repeat):  # the phases one after the other, then the whole call
-            t, traced = timed(lambda: prepare(model, SIZE, modes=("window",)))
+            t, traced = timed(lambda: fcnify.trace(model, SIZE))
             phases["prepare"].append(t)
-            t, fcn = timed(lambda: build(model, traced, "window", verify=False))
+            t, fcn = timed(lambda: traced.convert("window", verify=False))
             phases["build"].append(t)
-            t, report = timed(lambda: fcnify.verify(model, fcn, traced.size, "window", batch=traced.x2.shape[0]))
+            t, report = timed(lambda: fcnify.verify(model, fcn, traced.input_size, "window",
+                                                           batch_size=traced.probe_input.shape[0]))
             phases["verify"].append(t)
             assert report.passed, report
             t, _ = timed(lambda: fcnify.convert(model, input_size=SIZE))

@@ -47,7 +47,7 @@ if model_name == "small":
     size = (64, 64)
 else:
     import torchvision
-    from fcnify.zoo import calibrate_batchnorm
+    from fcnify.models import calibrate_batchnorm
     net = torchvision.models.get_model(model_name)
     size = (224, 224)
     calibrate_batchnorm(net, size)
@@ -55,7 +55,7 @@ fcn = fcnify.convert(net, input_size=size).to(device)
 image = np.load(image_path, mmap_mode="r")
 plan = {}
 if how == "tiled":  # the tiles predict_tiled will run, and the pixels they cover (overlaps counted twice)
-    from fcnify.tiled import plan_tiles
+    from fcnify.inference import plan_tiles
     tiles, _ = plan_tiles(fcnify.geometry(fcn, input_size=fcn.conversion_report.input_size), image.shape[:2],
                           (int(tile), int(tile)))
     plan = {"tiles": len(tiles),

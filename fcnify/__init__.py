@@ -1,10 +1,29 @@
 """fcnify: turn image classifiers into exact fully convolutional networks.
 
->>> import torchvision, fcnify
->>> fcn = fcnify.convert(torchvision.models.resnet18(), input_size=(224, 224))  # doctest: +SKIP
+The package is layered; each layer imports only the ones below it (``lint-imports`` checks):
+
+* ``fcnify.graph`` -- tracing with torch.fx, shapes from runs, fx helpers, the input size;
+* ``fcnify.analysis`` -- geometry (stride, receptive field, valid sizes);
+  ``fcnify.verification`` -- the one comparison rule and its tolerances;
+* ``fcnify.conversion`` -- trace, find the head, rewrite it with the rules, output stride;
+* ``fcnify.export`` -- ONNX and ``.pt2``; ``fcnify.inference`` -- tiling, padding, heatmaps,
+  segmentation, head resizing; ``fcnify.models`` -- loading classifiers by name;
+* ``fcnify.cli`` -- the ``fcnify`` command.
+
+Users import from ``fcnify`` only. The names are loaded on first use, so that ``fcnify --help``
+does not import torch.
+
+>>> import torch, fcnify
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5))
+>>> fcnify.convert(net, input_size=(8, 8))(torch.randn(1, 3, 16, 20)).shape
+torch.Size([1, 5, 9, 13])
 """
 
-from ._convert import ConversionReport, convert
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, List
+
 from ._errors import (
     ExportError,
     FcnifyError,
@@ -13,25 +32,53 @@ from ._errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .onnx import OnnxExportReport, export_onnx, validate_onnx
-from .resize import resize_head
-from .segment import Segmenter, segmenter
-from .verify import OutputCheck, VerificationReport, verify
-from .geometry import Geometry, ValidSizes, geometry, valid_sizes
-from .tiled import predict_tiled
-from .padded import predict_padded
-from .heatmap import HeatmapResult, class_names, heatmap, render_heatmap
-from ._models import load_model
-from ._lite0 import load_lite0
+from ._mode import MODES, Mode
 
 __version__ = "0.1.0"
 
+#: Public name -> the subpackage that defines it (imported on first use).
+_LAZY = {
+    "trace": "conversion",
+    "Traced": "conversion",
+    "convert": "conversion",
+    "verify": "conversion",
+    "ConversionReport": "conversion",
+    "FullyConvolutionalNet": "conversion",
+    "VerificationReport": "verification",
+    "OutputCheck": "verification",
+    "geometry": "analysis",
+    "Geometry": "analysis",
+    "valid_sizes": "analysis",
+    "ValidSizes": "analysis",
+    "export_onnx": "export",
+    "validate_onnx": "export",
+    "OnnxExportReport": "export",
+    "save": "export",
+    "segmenter": "inference",
+    "Segmenter": "inference",
+    "resize_head": "inference",
+    "predict_tiled": "inference",
+    "predict_padded": "inference",
+    "heatmap": "inference",
+    "HeatmapResult": "inference",
+    "render_heatmap": "inference",
+    "class_names": "inference",
+    "load_model": "models",
+    "load_lite0": "models",
+}
+
 __all__ = [
+    "trace",
+    "Traced",
     "convert",
     "verify",
+    "Mode",
+    "MODES",
     "export_onnx",
     "validate_onnx",
+    "save",
     "ConversionReport",
+    "FullyConvolutionalNet",
     "VerificationReport",
     "OutputCheck",
     "FcnifyError",
@@ -57,3 +104,35 @@ __all__ = [
     "load_model",
     "load_lite0",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    package = _LAZY.get(name)
+    if package is None:
+        raise AttributeError(f"module 'fcnify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{package}", __name__), name)
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .analysis import Geometry, ValidSizes, geometry, valid_sizes
+    from .conversion import ConversionReport, FullyConvolutionalNet, Traced, convert, trace, verify
+    from .export import OnnxExportReport, export_onnx, save, validate_onnx
+    from .inference import (
+        HeatmapResult,
+        Segmenter,
+        class_names,
+        heatmap,
+        predict_padded,
+        predict_tiled,
+        render_heatmap,
+        resize_head,
+        segmenter,
+    )
+    from .models import load_lite0, load_model
+    from .verification import OutputCheck, VerificationReport

@@ -20,3 +20,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """``zoo`` and ``onnx`` tests are slow by nature: mark them ``slow`` too, so ``-m "not slow"`` is quick."""
+    for item in items:
+        if item.get_closest_marker("zoo") or item.get_closest_marker("onnx"):
+            item.add_marker(pytest.mark.slow)

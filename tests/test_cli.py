@@ -50,7 +50,7 @@ def test_convert_saves_a_program_that_runs_at_any_size_without_fcnify(tmp_path):
 @pytest.mark.slow
 def test_saved_program_matches_the_converted_model(tmp_path):
     import fcnify
-    from fcnify._save import save
+    from fcnify import save
 
     model = torchvision.models.mobilenet_v3_small().eval()
     fcn = fcnify.convert(model, input_size=224, mode="dense")
@@ -147,7 +147,7 @@ def test_pretrained_timm_weights_come_from_the_local_hub_cache(tmp_path):
     env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
     script = textwrap.dedent(
         """
-        from fcnify._models import load_model
+        from fcnify import load_model
         model, size = load_model("timm/resnet18", pretrained=True)
         print(float(model.fc.bias.mean()), size)
         """
@@ -169,7 +169,7 @@ def test_pretrained_torchvision_weights_come_from_the_torch_hub_cache(tmp_path):
     checkpoints.mkdir(parents=True)
     torch.save(model.state_dict(), checkpoints / os.path.basename(ResNet18_Weights.DEFAULT.url))
     env = dict(os.environ, TORCH_HOME=str(tmp_path))
-    script = "from fcnify._models import load_model; m, s = load_model('resnet18', pretrained=True); print(float(m.fc.bias.mean()), s)"
+    script = "from fcnify import load_model; m, s = load_model('resnet18', pretrained=True); print(float(m.fc.bias.mean()), s)"
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "0.5 (224, 224)"

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from fcnify.cli import main
-from fcnify.demo import run_demo
+from fcnify.cli._demo import run_demo
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_normalization_sources():
     import timm
     import torchvision
 
-    from fcnify.heatmap import resolve_normalization
+    from fcnify.inference import resolve_normalization
 
     assert resolve_normalization(((0.5,), (0.25,))) == ((0.5,), (0.25,))
     assert resolve_normalization(False) is None
@@ -89,7 +89,7 @@ def test_normalization_sources():
 def test_converted_timm_model_carries_its_normalization():
     import timm
 
-    from fcnify.heatmap import resolve_normalization
+    from fcnify.inference import resolve_normalization
 
     model = timm.create_model("lcnet_050", pretrained=False).eval()
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}

@@ -7,9 +7,8 @@ from PIL import Image
 from skimage import data
 
 import fcnify
-from fcnify._errors import ModelLoadError
-from fcnify._lite0 import map_by_order
-from fcnify._models import load_model
+from fcnify import ModelLoadError, load_model
+from fcnify.models import map_by_order
 
 
 def test_map_by_order_renames_and_checks_shapes():

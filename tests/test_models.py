@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import fcnify
-from fcnify.zoo import calibrate_batchnorm
+from fcnify.models import calibrate_batchnorm
 
 FAST_TORCHVISION = ["resnet18", "vgg11", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "squeezenet1_1",
                     "convnext_tiny"]

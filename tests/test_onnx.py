@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 import fcnify
-from fcnify.zoo import calibrate_batchnorm
+from fcnify.models import calibrate_batchnorm
 from fcnify.cli import main
 
 pytestmark = pytest.mark.onnx
@@ -110,9 +110,9 @@ def test_static_batch_and_opset(lenet_fcn, tmp_path):
 
 
 def test_weights_go_to_external_data_for_large_models(lenet_fcn, tmp_path, monkeypatch):
-    import fcnify.onnx
+    import fcnify.export._onnx
 
-    monkeypatch.setattr(fcnify.onnx, "_EXTERNAL_DATA_BYTES", 0)  # pretend LeNet is over 2 GB
+    monkeypatch.setattr(fcnify.export._onnx, "_EXTERNAL_DATA_BYTES", 0)  # pretend LeNet is over 2 GB
     path = str(tmp_path / "lenet.onnx")
     report = fcnify.export_onnx(lenet_fcn, path)
     assert report.external_data == path + ".data" and os.path.getsize(report.external_data) > 200_000
@@ -176,7 +176,7 @@ def test_a_mismatch_with_pytorch_is_an_error(tmp_path):
 
 def test_a_mismatch_at_some_sizes_only_is_explained():
     """torchvision's Swin skips its shift when the window covers the map: one path per size."""
-    from fcnify.onnx import SizeCheck, _raise_on_mismatch
+    from fcnify.export._onnx import SizeCheck, _raise_on_mismatch
 
     checks = [SizeCheck((224, 224), 2, [(2, 10, 1, 1)], 9e-3, 1e-4), SizeCheck((288, 352), 1, [(1, 10, 3, 5)], 1e-6, 1e-4)]
     with pytest.raises(fcnify.ExportError, match=r"at 224x224 max abs error 0.009 .* but agrees at 288x352: .*Hint"):
@@ -238,8 +238,9 @@ def test_an_adaptive_pool_inside_the_network_exports_for_every_size(tmp_path, on
 def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
     """The exporter turns AdaptiveAvgPool2d((2, 2)) into an AveragePool with the example's kernel."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((2, 2))).eval()
-    fake = torch.fx.symbolic_trace(net)
-    fake.conversion_report = types.SimpleNamespace(input_size=(3, 16, 16))  # passes for a conversion
+    traced = torch.fx.symbolic_trace(net)
+    report = types.SimpleNamespace(input_size=(3, 16, 16), probe_output_shapes=[(2, 4, 2, 2)])
+    fake = fcnify.FullyConvolutionalNet(traced, traced.graph, conversion_report=report)  # passes for a conversion
     frozen = r"(output 0 has fixed dimensions|ONNX Runtime gives shape \(2, 4, 1, 1\) where PyTorch gives \(2, 4, 2, 2\))"
     with pytest.raises(fcnify.ExportError, match=frozen):
         fcnify.export_onnx(fake, str(tmp_path / "frozen.onnx"))
@@ -268,7 +269,7 @@ class HeadsInBatchAttention(nn.Module):
 
 def test_attention_on_3d_query_key_and_value_exports(tmp_path, one_thread):
     """The exporter translates scaled_dot_product_attention for 4D inputs only; timm's samvit gives 3D."""
-    from fcnify._exportable import exportable
+    from fcnify.export._exportable import exportable
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), HeadsInBatchAttention(8, 2), nn.AdaptiveAvgPool2d(1),
@@ -292,7 +293,7 @@ def test_attention_on_3d_query_key_and_value_exports(tmp_path, one_thread):
     ((2, 4, 33, 16), (2, 4, 35, 16), (33, 35)),
 ])
 def test_attention_on_any_rank_computes_what_pytorch_does(q, k, mask):
-    from fcnify._exportable import scaled_dot_product_attention as exportable_attention
+    from fcnify.export._exportable import scaled_dot_product_attention as exportable_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(q), torch.randn(k), torch.randn(k)
@@ -330,7 +331,7 @@ def test_mobilenetv5_msfa_exports_right_at_its_training_size_too(tmp_path, one_t
     assert report.passed and report.max_abs_error < 1e-5 and report.traced_size is None
     assert assert_matches_at(fcn, path, (96, 72)) > 0.1  # 48x36: pooled by 8 and 6
     assert type(fcn.get_submodule("msfa")).__name__ == "MobileNetV5MultiScaleFusionAdapter"  # the user's model is untouched
-    from fcnify._exportable import exportable, MultiScaleFusion
+    from fcnify.export._exportable import exportable, MultiScaleFusion
 
     assert type(exportable(fcn).get_submodule("msfa")) is MultiScaleFusion
 
@@ -339,7 +340,7 @@ def test_mobilenetv5_msfa_exports_right_at_its_training_size_too(tmp_path, one_t
 def test_the_exportable_msfa_equals_timms(size):
     """Equal maps: the identity; multiples: the pool; else (odd, smaller): the bilinear resize."""
     from timm.models.mobilenetv5 import MobileNetV5MultiScaleFusionAdapter
-    from fcnify._exportable import MultiScaleFusion
+    from fcnify.export._exportable import MultiScaleFusion
 
     torch.manual_seed(0)
     msfa = MobileNetV5MultiScaleFusionAdapter(in_chs=[4, 8], out_chs=8, output_resolution=6).eval()

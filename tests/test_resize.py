@@ -78,7 +78,7 @@ def test_errors():
         fcnify.resize_head(pooled, 16, 32)
     with pytest.raises(fcnify.FcnifyError, match="fails on a 1x20x20 input.*Hint"):
         fcnify.resize_head(_lenet(), 20, 32)
-    with pytest.raises(fcnify.UnsupportedModelError, match="to_size must be large enough"):
+    with pytest.raises(fcnify.UnsupportedModelError, match="new_input_size must be large enough"):
         fcnify.resize_head(_lenet(), 16, 2)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fcnify
 from fcnify import TraceError, UnsupportedModelError
-from fcnify.rules import ChannelLayerNorm
+from fcnify.conversion._runtime import ChannelLayerNorm
 
 C, H, W = 3, 14, 14  # training size
 STRIDE = 2  # total stride of body()
@@ -769,7 +769,7 @@ def test_verification_catches_a_broken_conversion():
 def test_verification_error_is_raised(monkeypatch):
     """A conversion that does not reproduce the model raises VerificationError."""
     model = prepare(Net(nn.Flatten(), nn.Linear(FEAT * MAP * MAP, 5)))
-    from fcnify.rules import linear
+    from fcnify.conversion.rules import linear
 
     original = linear._conv_weight
     monkeypatch.setattr(linear, "_conv_weight", lambda *a: original(*a).flip(-1))

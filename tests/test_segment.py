@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import fcnify
-from fcnify.segment import bilinear_kernel
+from fcnify.inference import bilinear_kernel
 
 ODD_SIZES = [(65, 97), (97, 71)]
 
@@ -153,14 +153,10 @@ def test_digits_segmentation_example_runs(one_thread, capsys):
 
 
 def test_without_geometry_cells_are_taken_as_centred(one_thread, monkeypatch):
-    import importlib
-
-    geometry_module = importlib.import_module("fcnify.geometry")  # fcnify.geometry is the function
-
     def fail(*args, **kwargs):
         raise fcnify.UnsupportedModelError("geometry does not follow this graph")
 
-    monkeypatch.setattr(geometry_module, "geometry", fail)
+    monkeypatch.setattr("fcnify.inference._segment.geometry", fail)
     seg = fcnify.segmenter(_tiny(), num_classes=3, input_size=(32, 32))
     assert [u.centre for u in seg.upsamplers] == [(3.0, 3.0), (1.0, 1.0), (0.0, 0.0)]  # (s - 1) / 2, rounded
     assert seg(torch.randn(1, 3, 37, 29)).shape == (1, 3, 37, 29)

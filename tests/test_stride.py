@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fcnify
-from fcnify._stride import dilated_avg_pool2d
+from fcnify.conversion._runtime import dilated_avg_pool2d
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

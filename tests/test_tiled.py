@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fcnify
-from fcnify.tiled import plan_tiles
+from fcnify.inference import plan_tiles
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

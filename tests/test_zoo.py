@@ -17,8 +17,8 @@ import torchvision
 from torch import nn
 
 import fcnify
-from fcnify import zoo
-from fcnify._convert import build, prepare
+from fcnify.cli import _zoo as zoo
+from fcnify.cli import zoo as zoo_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,9 +66,9 @@ def _compare(model, traced, mode, fcn):
 
 def _convert_every_mode(model, size):
     with torch.no_grad():
-        traced = prepare(model, size, batch=1)
+        traced = fcnify.trace(model, size, batch_size=1)
         for mode in zoo.MODES:
-            fcn = build(model, traced, mode)
+            fcn = traced.convert(mode)
             assert fcn.conversion_report.verification.passed
             _compare(model, traced, mode, fcn)
             if mode != "global":
@@ -137,7 +137,7 @@ def test_timm_representative(name):
 def test_every_timm_family_has_a_representative():
     families = zoo.timm_families()
     missing = sorted(set(families) - set(zoo.TIMM_REPRESENTATIVES))
-    assert not missing, f"new timm families: add a representative to fcnify.zoo.TIMM_REPRESENTATIVES: {missing}"
+    assert not missing, f"new timm families: add a representative to fcnify.cli._zoo.TIMM_REPRESENTATIVES: {missing}"
     for family, names in zoo.TIMM_REPRESENTATIVES.items():
         assert set(names) <= set(families[family]), family
     assert set(zoo.TIMM_NON_CNN) <= set(families)
@@ -172,9 +172,9 @@ def test_peer_failures_are_exact_here(name, peer):
         else:
             with pytest.raises(RuntimeError):
                 _test_time_pool(model)(x)
-        traced = prepare(model, batch=1)
+        traced = fcnify.trace(model, batch_size=1)
         for mode in ("window", "global"):
-            fcn = build(model, traced, mode)
+            fcn = traced.convert(mode)
             out = fcn(x)
             out = out[..., 0, 0] if mode == "window" else out
             torch.testing.assert_close(out, ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=0)
@@ -273,12 +273,12 @@ def test_every_head_of_a_two_output_model_converts():
 def test_googlenet_auxiliary_heads_convert():
     model = _googlenet_with_aux()
     with torch.no_grad():
-        traced = prepare(model, (224, 224), batch=1)
+        traced = fcnify.trace(model, (224, 224), batch_size=1)
         for mode in zoo.MODES:
-            fcn = build(model, traced, mode)
+            fcn = traced.convert(mode)
             outputs = fcn.conversion_report.verification.outputs
             assert len(outputs) == 3 and all(o.passed and o.check != "none" for o in outputs)
-        fcn = build(model, traced, "window")
+        fcn = traced.convert("window")
     # window mode, aux1 off the origin: the aux head on that 14x14 window of inception4a's map
     feats = {}
     handle = model.inception4a.register_forward_hook(lambda m, i, o: feats.__setitem__("map", o))
@@ -296,7 +296,7 @@ def test_googlenet_auxiliary_heads_convert():
 def test_inception_v3_auxiliary_head_converts():
     model = _inception_v3_with_aux()
     with torch.no_grad():
-        fcn = build(model, prepare(model, (299, 299), batch=1), "window")
+        fcn = fcnify.trace(model, (299, 299), batch_size=1).convert("window")
     outputs = fcn.conversion_report.verification.outputs
     assert len(outputs) == 2 and all(o.passed for o in outputs)
     main, aux = fcn.conversion_report.probe_output_shapes
@@ -385,7 +385,7 @@ def test_a_sweep_of_some_models_replaces_their_rows_and_recounts(tmp_path, capsy
     assert re.search(r"\| `davit_tiny` .*\|  \|$", text, re.M)
     assert text.count("Rows of the models it matches") == 2
     assert [e.name for e in zoo.select(zoo.timm_entries(), "lcnet_035, davit*")] == ["davit_tiny", "lcnet_035"]
-    assert zoo.main(["--kind", "cnn,vit"]) == 1
+    assert zoo_command.main(["--kind", "cnn,vit"]) == 1
     assert "unknown kind(s) vit" in capsys.readouterr().err
 
 
@@ -398,7 +398,7 @@ def test_zoo_command_writes_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "torchvision: 1/1 CNN models exact" in printed
     assert "`squeezenet1_1`" in out.read_text()
-    assert zoo.main(["--filter", "no-such-*"]) == 1
+    assert zoo_command.main(["--filter", "no-such-*"]) == 1
     assert "no model matches" in capsys.readouterr().err
 
 

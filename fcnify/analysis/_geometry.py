@@ -22,16 +22,33 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import FcnifyError, UnsupportedModelError, first_line
-from ._trace import describe_node, record_shapes, trace
+from .._errors import FcnifyError, UnsupportedModelError, first_line
+from ..graph import InputSize, arg, describe_node, device_and_dtype, record_shapes, resolve_input_size, trace_model
 
-__all__ = ["Geometry", "geometry", "valid_sizes", "ValidSizes"]
+__all__ = [
+    "Geometry",
+    "geometry",
+    "valid_sizes",
+    "ValidSizes",
+    "window_function",
+    # the plan, for the output-stride rewrite: one op per node, evaluated for any input size
+    "plan_steps",
+    "propagate",
+    "propagate_axis",
+    "Step",
+    "Axis",
+    "Window",
+    "Pad",
+    "Merge",
+    "Global",
+    "TooSmall",
+]
 
 Pair = Tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Axis:
+class Axis:
     """One axis of one value: its length and which input pixels cell 0 and its neighbours see."""
 
     size: int
@@ -40,7 +57,7 @@ class _Axis:
     rf: int
 
 
-class _TooSmall(Exception):
+class TooSmall(Exception):
     """An input too small for some layer (a map would have no cell)."""
 
 
@@ -48,7 +65,7 @@ class _TooSmall(Exception):
 
 
 @dataclasses.dataclass
-class _Window:
+class Window:
     """A convolution or pool along one axis; ``same`` computes TF-"same" padding from the size."""
 
     kernel: Pair
@@ -58,7 +75,7 @@ class _Window:
     same: bool = False
     ceil_mode: bool = False
 
-    def apply(self, inputs: List[Optional[_Axis]], dim: int) -> Optional[_Axis]:
+    def apply(self, inputs: List[Optional[Axis]], dim: int) -> Optional[Axis]:
         a = inputs[0]
         if a is None:  # a 1x1 convolution on global context (squeeze-and-excitation)
             return None
@@ -72,40 +89,40 @@ class _Window:
             p0, p1 = self.padding[dim]
         span = a.size + p0 + p1 - extent
         if span < 0:
-            raise _TooSmall()
+            raise TooSmall()
         if self.ceil_mode:
             out = -(-span // t) + 1
             if (out - 1) * t >= a.size + p0:
                 out -= 1
         else:
             out = span // t + 1
-        return _Axis(out, a.stride * t, a.start - p0 * a.stride, a.rf + (extent - 1) * a.stride)
+        return Axis(out, a.stride * t, a.start - p0 * a.stride, a.rf + (extent - 1) * a.stride)
 
 
 @dataclasses.dataclass
-class _Pad:
+class Pad:
     """``F.pad`` of the last two axes."""
 
     padding: Tuple[Pair, Pair]
 
-    def apply(self, inputs: List[Optional[_Axis]], dim: int) -> Optional[_Axis]:
+    def apply(self, inputs: List[Optional[Axis]], dim: int) -> Optional[Axis]:
         a = inputs[0]
         if a is None:
             return None
         p0, p1 = self.padding[dim]
         size = a.size + p0 + p1
         if size < 1:
-            raise _TooSmall()
-        return _Axis(size, a.stride, a.start - p0 * a.stride, a.rf)
+            raise TooSmall()
+        return Axis(size, a.stride, a.start - p0 * a.stride, a.rf)
 
 
-class _Merge:
+class Merge:
     """Pointwise ops and branches that meet: the union of the input windows."""
 
     def __init__(self, where: str):
         self.where = where
 
-    def apply(self, inputs: List[Optional[_Axis]], dim: int) -> Optional[_Axis]:
+    def apply(self, inputs: List[Optional[Axis]], dim: int) -> Optional[Axis]:
         spatial = [a for a in inputs if a is not None]
         if not spatial:
             return None
@@ -115,32 +132,26 @@ class _Merge:
                 "Hint: fcnify.geometry follows convolutions, pools and pointwise merges only."
             )
         if len({a.size for a in spatial}) > 1:
-            raise _TooSmall()
+            raise TooSmall()
         end = max(a.start + a.rf for a in spatial)
         start = min(a.start for a in spatial)
-        return _Axis(spatial[0].size, spatial[0].stride, start, end - start)
+        return Axis(spatial[0].size, spatial[0].stride, start, end - start)
 
 
-class _Global:
+class Global:
     """A reduction over the whole map, or a constant: no spatial extent."""
 
-    def apply(self, inputs: List[Optional[_Axis]], dim: int) -> None:
+    def apply(self, inputs: List[Optional[Axis]], dim: int) -> None:
         return None
 
 
-_Op = Union[_Window, _Pad, _Merge, _Global]
+Op = Union[Window, Pad, Merge, Global]
 
 
 def _pair(value: Any) -> Pair:
     if isinstance(value, (tuple, list)):
         return (int(value[0]), int(value[-1])) if value else (1, 1)
     return (int(value), int(value))
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _padding(padding: Any, kernel: Pair, dilation: Pair) -> Tuple[Tuple[Pair, Pair], bool]:
@@ -153,69 +164,84 @@ def _padding(padding: Any, kernel: Pair, dilation: Pair) -> Tuple[Tuple[Pair, Pa
     return ((p[0], p[0]), (p[1], p[1])), False
 
 
-def _module_op(module: nn.Module) -> Optional[_Op]:
+#: Functions converted graphs call that slide a window like ``avg_pool2d(x, kernel_size, stride,
+#: padding, dilation, ceil_extra)``: registered by :func:`window_function`.
+_WINDOW_FUNCTIONS: set = set()
+
+
+def window_function(fn: Callable) -> Callable:
+    """Declare ``fn(x, kernel_size, stride, padding, dilation, ceil_extra=0, ...)`` a pool geometry follows.
+
+    Its output cell ``i`` reads inputs ``i * stride - padding`` to ``... + dilation * (kernel - 1)``,
+    and ``ceil_extra`` pads the bottom and right past the input (``ceil_mode``). The layers that
+    write such functions into graphs (the output-stride rewrite) register them; geometry, a layer
+    below, recognises them without importing them.
+    """
+    _WINDOW_FUNCTIONS.add(fn)
+    return fn
+
+
+def _module_op(module: nn.Module) -> Optional[Op]:
     same = type(module).__name__.endswith("Same")
     if isinstance(module, nn.Conv2d):
         kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
         padding, _ = _padding(module.padding, kernel, dilation)
-        return _Window(kernel, _pair(module.stride), dilation, padding, same=same)
+        return Window(kernel, _pair(module.stride), dilation, padding, same=same)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         kernel = _pair(module.kernel_size)
         dilation = _pair(getattr(module, "dilation", 1))
         stride = _pair(module.stride if module.stride not in (None, ()) else module.kernel_size)
         padding, _ = _padding(module.padding, kernel, dilation)
-        return _Window(kernel, stride, dilation, padding, same=same, ceil_mode=bool(module.ceil_mode))
+        return Window(kernel, stride, dilation, padding, same=same, ceil_mode=bool(module.ceil_mode))
     return None
 
 
-def _function_op(node: fx.Node, shapes: Callable[[Any], Any]) -> Optional[_Op]:
+def _function_op(node: fx.Node, shapes: Callable[[Any], Any]) -> Optional[Op]:
     target = node.target
     if target is F.conv2d or target is torch.conv2d:
-        weight = shapes(_arg(node, 1, "weight"))
+        weight = shapes(arg(node, 1, "weight"))
         kernel = (weight[2], weight[3])
-        dilation = _pair(_arg(node, 5, "dilation", 1))
-        padding, _ = _padding(_arg(node, 4, "padding", 0), kernel, dilation)
-        return _Window(kernel, _pair(_arg(node, 3, "stride", 1)), dilation, padding)
+        dilation = _pair(arg(node, 5, "dilation", 1))
+        padding, _ = _padding(arg(node, 4, "padding", 0), kernel, dilation)
+        return Window(kernel, _pair(arg(node, 3, "stride", 1)), dilation, padding)
     if target in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d):
-        kernel = _pair(_arg(node, 1, "kernel_size"))
-        stride = _arg(node, 2, "stride", None)
+        kernel = _pair(arg(node, 1, "kernel_size"))
+        stride = arg(node, 2, "stride", None)
         stride = kernel if stride in (None, (), []) else _pair(stride)
         is_max = target in (F.max_pool2d, torch.max_pool2d)
-        dilation = _pair(_arg(node, 4, "dilation", 1)) if is_max else (1, 1)
-        ceil_mode = bool(_arg(node, 5 if is_max else 4, "ceil_mode", False))
-        padding, _ = _padding(_arg(node, 3, "padding", 0), kernel, dilation)
-        return _Window(kernel, stride, dilation, padding, ceil_mode=ceil_mode)
-    if getattr(target, "__name__", "") == "dilated_avg_pool2d" and getattr(target, "__module__", "") == "fcnify._stride":
-        kernel, stride, padding, dilation = (_pair(_arg(node, i, n)) for i, n in
+        dilation = _pair(arg(node, 4, "dilation", 1)) if is_max else (1, 1)
+        ceil_mode = bool(arg(node, 5 if is_max else 4, "ceil_mode", False))
+        padding, _ = _padding(arg(node, 3, "padding", 0), kernel, dilation)
+        return Window(kernel, stride, dilation, padding, ceil_mode=ceil_mode)
+    if target in _WINDOW_FUNCTIONS:
+        kernel, stride, padding, dilation = (_pair(arg(node, i, n)) for i, n in
                                              ((1, "kernel_size"), (2, "stride"), (3, "padding"), (4, "dilation")))
-        extra = _pair(_arg(node, 5, "ceil_extra", 0))
-        return _Window(kernel, stride, dilation, tuple((p, p + e) for p, e in zip(padding, extra)))  # type: ignore[arg-type]
+        extra = _pair(arg(node, 5, "ceil_extra", 0))
+        return Window(kernel, stride, dilation, tuple((p, p + e) for p, e in zip(padding, extra)))  # type: ignore[arg-type]
     if target is operator.getitem and isinstance(node.args[1], tuple) and len(node.args[1]) == 4:
         index = node.args[1]
         plain = all(isinstance(i, slice) and i == slice(None) for i in index[:2])
         steps = [i for i in index[2:] if isinstance(i, slice) and i.start in (None, 0) and i.stop is None]
         if plain and len(steps) == 2:  # x[:, :, ::a, ::b], as output_stride writes
             stride = (steps[0].step or 1, steps[1].step or 1)
-            return _Window((1, 1), stride, (1, 1), ((0, 0), (0, 0)))
+            return Window((1, 1), stride, (1, 1), ((0, 0), (0, 0)))
     if target is F.pad:
-        pad = list(_arg(node, 1, "pad"))
+        pad = list(arg(node, 1, "pad"))
         pad += [0] * (4 - len(pad))
-        return _Pad(((pad[2], pad[3]), (pad[0], pad[1])))
+        return Pad(((pad[2], pad[3]), (pad[0], pad[1])))
     return None
 
 
 @dataclasses.dataclass
-class _Step:
+class Step:
     node: fx.Node
-    op: _Op
+    op: Op
     inputs: List[int]  # indices of earlier steps (-1: constant)
 
 
-def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]:
+def plan_steps(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[Step], int]:
     """One op per node, chosen from the modules and from the shapes of one run at ``size``."""
-    param = next(iter(fcn.parameters()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else None
+    device, dtype = device_and_dtype(fcn)
     x = torch.zeros(1, *size, dtype=dtype, device=device)
     run = record_shapes(fcn, x)
     if run.failed_at is not None:
@@ -227,7 +253,7 @@ def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]
     modules = dict(fcn.named_modules())
     index: Dict[fx.Node, int] = {}
     axes: Dict[fx.Node, Pair] = {}  # which dims of a 4-d value are (H, W): NCHW or NHWC
-    steps: List[_Step] = []
+    steps: List[Step] = []
     output = -1
 
     def spatial(node: fx.Node, value: Any) -> Optional[Tuple[int, int]]:
@@ -249,14 +275,14 @@ def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]
         parents = [a for a in node.all_input_nodes if spatial(node, a) is not None]
         axes[node] = axes.get(parents[0], (2, 3)) if parents else (2, 3)
         if node.op == "placeholder":
-            op: _Op = _Merge("the input") if not steps else _Global()
+            op: Op = Merge("the input") if not steps else Global()
         elif node.op == "get_attr" or shape is None or len(shape) != 4:
-            op = _Global()
+            op = Global()
         elif _is_permute(node) and parents:
             dims = _permutation(node)
             before = axes[node]
             axes[node] = (dims.index(before[0]), dims.index(before[1]))
-            op = _Merge(describe_node(fcn, node))
+            op = Merge(describe_node(fcn, node))
         else:
             op = None  # type: ignore[assignment]
             if node.op == "call_module":
@@ -272,9 +298,9 @@ def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]
                 mine = spatial(node, node)
                 sizes = [spatial(node, a) for a in parents]
                 if any(s == mine for s in sizes):
-                    op = _Merge(describe_node(fcn, node))
+                    op = Merge(describe_node(fcn, node))
                 elif mine == (1, 1) or not sizes:
-                    op = _Global()
+                    op = Global()
                 else:
                     raise UnsupportedModelError(
                         f"fcnify.geometry cannot follow {describe_node(fcn, node)}: it changes the map size from "
@@ -282,9 +308,9 @@ def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]
                         "Hint: geometry knows convolutions, pools, F.pad and pointwise ops (no resizing)."
                     )
         index[node] = len(steps)
-        steps.append(_Step(node, op, inputs))
+        steps.append(Step(node, op, inputs))
     # the plan must reproduce the run's shapes
-    values = _propagate(steps, size[1:])
+    values = propagate(steps, size[1:])
     for step, value in zip(steps, values):
         made = spatial(step.node, step.node) if step.node in axes else None
         if value[0] is not None and made is not None:
@@ -318,20 +344,20 @@ def _leaves(value: Any) -> List[Any]:
     return [value]
 
 
-def _propagate_axis(steps: List[_Step], n: int, dim: int) -> List[Optional[_Axis]]:
-    values: List[Optional[_Axis]] = []
+def propagate_axis(steps: List[Step], n: int, dim: int) -> List[Optional[Axis]]:
+    values: List[Optional[Axis]] = []
     for i, step in enumerate(steps):
         if step.node.op == "placeholder" and i == 0:
-            values.append(_Axis(n, 1, 0, 1))
+            values.append(Axis(n, 1, 0, 1))
             continue
         inputs = [values[j] if j >= 0 else None for j in step.inputs]
         values.append(step.op.apply(inputs, dim))
     return values
 
 
-def _propagate(steps: List[_Step], size: Sequence[int]) -> List[Tuple[Optional[_Axis], Optional[_Axis]]]:
-    ys = _propagate_axis(steps, size[0], 0)
-    xs = _propagate_axis(steps, size[1], 1)
+def propagate(steps: List[Step], size: Sequence[int]) -> List[Tuple[Optional[Axis], Optional[Axis]]]:
+    ys = propagate_axis(steps, size[0], 0)
+    xs = propagate_axis(steps, size[1], 1)
     return list(zip(ys, xs))
 
 
@@ -363,7 +389,7 @@ class Geometry:
     offset: Pair
     map_size: Pair
     global_context: bool = False
-    _steps: List[_Step] = dataclasses.field(repr=False, default_factory=list)
+    _steps: List[Step] = dataclasses.field(repr=False, default_factory=list)
     _output: int = dataclasses.field(repr=False, default=-1)
     _min: Optional[Pair] = dataclasses.field(repr=False, default=None)
 
@@ -423,15 +449,15 @@ class Geometry:
                 return n
         return lo
 
-    def _axis(self, n: int, dim: int) -> Optional[_Axis]:
+    def _axis(self, n: int, dim: int) -> Optional[Axis]:
         try:
-            value = _propagate_axis(self._steps, n, dim)[self._output]
-        except _TooSmall:
+            value = propagate_axis(self._steps, n, dim)[self._output]
+        except TooSmall:
             return None
         return value if value is not None and value.size >= 1 else None
 
-    def _values(self, size: Sequence[int]) -> List[Tuple[Optional[_Axis], Optional[_Axis]]]:
-        return _propagate(self._steps, size)
+    def _values(self, size: Sequence[int]) -> List[Tuple[Optional[Axis], Optional[Axis]]]:
+        return propagate(self._steps, size)
 
     def __str__(self) -> str:
         return (
@@ -441,29 +467,7 @@ class Geometry:
         )
 
 
-def _size_of(fcn: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, int, int]:
-    report = getattr(fcn, "conversion_report", None)
-    channels = report.input_size[0] if report is not None else None
-    if input_size is None:
-        if report is None:
-            from ._convert import resolve_input_size  # timm's pretrained_cfg, fcnify.load_model's size
-
-            return tuple(resolve_input_size(fcn, None))  # type: ignore[return-value]
-        return tuple(report.input_size)  # type: ignore[return-value]
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    input_size = tuple(int(s) for s in input_size)
-    if len(input_size) == 3:
-        return input_size  # type: ignore[return-value]
-    if len(input_size) != 2 or min(input_size) < 1:
-        raise FcnifyError(f"input_size must be (H, W) with positive sizes, got {input_size}. Hint: input_size=(224, 224).")
-    if channels is None:
-        conv = next((m for m in fcn.modules() if isinstance(m, nn.Conv2d)), None)
-        channels = conv.in_channels if conv is not None else 3
-    return (channels, *input_size)  # type: ignore[return-value]
-
-
-def geometry(fcn: nn.Module, input_size: Optional[Sequence[int]] = None) -> Geometry:
+def geometry(fcn: nn.Module, input_size: Optional[InputSize] = None) -> Geometry:
     """Stride, receptive field and cell positions of a fully convolutional network.
 
     Args:
@@ -492,12 +496,12 @@ def geometry(fcn: nn.Module, input_size: Optional[Sequence[int]] = None) -> Geom
         >>> g.output_size(64, 48), g.min_input_size
         ((9, 5), (32, 32))
     """
-    size = _size_of(fcn, input_size)
-    gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
-    steps, output = _plan(gm, size)
-    values = _propagate(steps, size[1:])
+    gm = fcn if isinstance(fcn, fx.GraphModule) else trace_model(fcn)
+    size = resolve_input_size(fcn, input_size, gm)
+    steps, output = plan_steps(gm, size)
+    values = propagate(steps, size[1:])
     ys, xs = values[output]
-    if (ys is None or xs is None) and not hasattr(fcn, "conversion_report"):
+    if (ys is None or xs is None) and gm is not fcn:
         # a classifier that was not converted: the geometry of its last feature map
         last = max((k for k, v in enumerate(values) if v[0] is not None and v[1] is not None), default=None)
         if last is not None:
@@ -514,7 +518,7 @@ def geometry(fcn: nn.Module, input_size: Optional[Sequence[int]] = None) -> Geom
         offset=(ys.start, xs.start),
         map_size=(ys.size, xs.size),
         global_context=any(
-            isinstance(step.op, _Global) and step.node.op not in ("placeholder", "get_attr")
+            isinstance(step.op, Global) and step.node.op not in ("placeholder", "get_attr")
             and any(j >= 0 and values[j][0] is not None for j in step.inputs)
             for step in steps
         ),
@@ -540,16 +544,16 @@ class ValidSizes:
         return all(n >= m and (n - m) % s == 0 for n, m, s in zip(size, self.minimum, self.step))
 
 
-def _exact(steps: List[_Step], output: int, n: int, dim: int) -> bool:
+def _exact(steps: List[Step], output: int, n: int, dim: int) -> bool:
     """The last cell's window reaches the last pixel: no row or column is ignored at the border."""
     try:
-        value = _propagate_axis(steps, n, dim)[output]
-    except _TooSmall:
+        value = propagate_axis(steps, n, dim)[output]
+    except TooSmall:
         return False
     return value is not None and value.size >= 1 and value.start + (value.size - 1) * value.stride + value.rf >= n
 
 
-def valid_sizes(fcn: nn.Module, input_size: Optional[Sequence[int]] = None) -> ValidSizes:
+def valid_sizes(fcn: nn.Module, input_size: Optional[InputSize] = None) -> ValidSizes:
     """The input sizes at which every pixel up to the bottom and right border reaches the output.
 
     A strided layer whose windows do not reach its input's end ignores the rest (a stack of

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._errors import ModelLoadError
+from .._errors import ModelLoadError
 
 __all__ = ["run_demo", "DemoRow", "compose_canvas"]
 
@@ -124,9 +124,9 @@ def run_demo(output_dir: str = "fcnify-demo", verbose: bool = True, figure: Opti
         >>> [row.inside for row in rows]  # doctest: +SKIP
         [True, True, True]
     """
-    from ._convert import convert
-    from ._models import load_model
-    from .heatmap import class_names, heatmap, render_heatmap
+    from ..conversion import convert
+    from ..inference import class_names, heatmap, render_heatmap
+    from ..models import load_model
 
     _require_demo_extra()
     say = print if verbose else (lambda *a, **k: None)
@@ -173,7 +173,7 @@ def run_demo(output_dir: str = "fcnify-demo", verbose: bool = True, figure: Opti
 
 def _small_figure(result, path: str) -> str:
     """All maps of ``result`` side by side, at a size fit to commit (a few hundred KB at most)."""
-    from .heatmap import render_heatmap
+    from ..inference import render_heatmap
 
     from PIL import Image
 

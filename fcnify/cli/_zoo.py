@@ -1,10 +1,10 @@
 """The model-zoo sweep: every torchvision classifier and one timm model per family, converted.
 
     fcnify zoo --torchvision --timm -o docs/coverage.md
-    python -m fcnify.zoo --filter 'resnet*'
+    python -m fcnify.cli.zoo --filter 'resnet*'
 
 Each model is built with random weights, converted in ``window``, ``dense`` and ``global``
-mode from one trace (:func:`fcnify._convert.prepare` / :func:`~fcnify._convert.build`) and
+mode from one trace (:func:`fcnify.trace`, then ``Traced.convert`` per mode) and
 verified at its own training size with a batch of one. A model is ``exact`` when every mode
 verifies, ``refused`` when fcnify raises :class:`~fcnify.UnsupportedModelError` or
 :class:`~fcnify.TraceError` (the reason goes into the table), and ``failed`` otherwise. Models are built one at a time and
@@ -28,7 +28,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
-from ._errors import FcnifyError, TraceError, UnsupportedModelError
+from .._errors import FcnifyError, TraceError, UnsupportedModelError
+from .._mode import MODES
+from ..models import calibrate_batchnorm
 
 __all__ = [
     "ZooEntry",
@@ -40,13 +42,11 @@ __all__ = [
     "sweep",
     "coverage_markdown",
     "merge_rows",
-    "main",
     "MODES",
     "TIMM_REPRESENTATIVES",
     "TIMM_NON_CNN",
 ]
 
-MODES = ("window", "dense", "global")
 KINDS = ("cnn", "transformer", "hybrid", "mlp")
 
 #: torchvision modules whose models are transformers (the rest are CNNs).
@@ -294,29 +294,9 @@ def select(entries: Iterable[ZooEntry], pattern: Optional[str] = None) -> List[Z
 
 # -- checking one model -----------------------------------------------------------------------
 
-def calibrate_batchnorm(model: nn.Module, size: Tuple[int, int], batch: int = 2, seed: int = 0) -> nn.Module:
-    """Set batch-norm running statistics from one random batch at ``size``; returns ``model`` in eval mode.
-
-    With random weights and fresh statistics the logits of deep networks can be tiny
-    (torchvision's EfficientNets give ~1e-14), so any comparison with them passes. Statistics
-    taken from the data the model then sees keep every layer, and the logits, of order one,
-    which makes the verification errors in the table mean something.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: one batch sets the statistics
-    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        model.train()(x)
-    return model.eval()
-
-
 def build_model(entry: ZooEntry) -> Tuple[nn.Module, Tuple[int, int]]:
     """The model with random weights and calibrated batch-norm statistics in eval mode, and its training size."""
-    from ._models import load_model
+    from ..models import load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -341,7 +321,7 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: U
     dynamo exporter can take tens of CPU-minutes on an attention model: DaViT-tiny, 27). Never raises for a model that fails: the
     error goes into the result.
     """
-    from ._convert import build, prepare
+    from ..conversion import trace
 
     start = time.process_time()
     result = ZooResult(entry, "failed")
@@ -349,12 +329,12 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: U
     try:
         model, size = build_model(entry)
         with torch.no_grad():
-            traced = prepare(model, size, modes=modes, batch=batch)
-            result.input_size, result.probe_size = traced.size, traced.probe
+            traced = trace(model, size, batch_size=batch)
+            result.input_size, result.probe_size = traced.input_size, traced.probe_size
             errors = []
             for mode in modes:
                 try:
-                    fcn = build(model, traced, mode)
+                    fcn = traced.convert(mode)
                 except UnsupportedModelError as err:
                     result.modes[mode] = "refused"
                     errors.append(err)
@@ -395,7 +375,7 @@ def _check_onnx(fcn: nn.Module, result: ZooResult) -> None:
     """Export ``fcn`` to a temporary file, validate it in ONNX Runtime, and fill ``result.onnx*``."""
     import tempfile
 
-    from .onnx import export_onnx
+    from ..export import export_onnx
 
     start = time.process_time()
     with tempfile.TemporaryDirectory(prefix="fcnify-zoo-") as folder, warnings.catch_warnings():
@@ -653,29 +633,6 @@ def _parse_row(row: str, library: str) -> ZooResult:
 
 # -- command line -----------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``zoo`` options, shared by ``fcnify zoo`` and ``python -m fcnify.zoo``."""
-    parser.add_argument("--torchvision", action="store_true", help="sweep torchvision (default: both libraries)")
-    parser.add_argument("--timm", action="store_true", help="sweep one model per timm family")
-    parser.add_argument("--filter", metavar="PATTERN", help="glob on model name, library/name or family, e.g. "
-                        "'resnet*'; several, comma-separated: 'swin*,dla*'")
-    parser.add_argument("--kind", metavar="KINDS", help="comma-separated kinds to sweep: cnn, transformer, hybrid, mlp")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all three)")
-    parser.add_argument("-o", "--output", metavar="PATH", help="write the Markdown table here (e.g. docs/coverage.md); "
-                        "a sweep of one library (--torchvision or --timm) replaces that library's section of an "
-                        "existing file and keeps the other; a sweep of some models (--filter, --kind) replaces "
-                        "their rows and keeps the others")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="check N models at a time, each in "
-                        "its own process (default 1); combine with --threads so that N x threads <= cores")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (1 is much faster on a "
-                        "machine shared with other jobs: busy cores make multi-threaded kernels stall)")
-    parser.add_argument("--onnx", nargs="?", const="all", choices=("all", "cnn"), help="also export each "
-                        "window-mode conversion to ONNX and validate it in ONNX Runtime at three sizes (an ONNX "
-                        "column in the table); '--onnx cnn' exports the CNNs only (attention models can take tens "
-                        "of CPU-minutes each in the exporter)")
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the sweep the arguments describe; print the summary; exit status 1 if a model failed."""
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -757,19 +714,3 @@ def _command_args(args: argparse.Namespace) -> List[str]:
     if args.output:
         out.append(f"-o {args.output}")
     return out
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m fcnify.zoo [--torchvision] [--timm] [--filter PATTERN] [-o docs/coverage.md]``."""
-    parser = argparse.ArgumentParser(prog="python -m fcnify.zoo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except FcnifyError as err:
-        print(f"fcnify zoo: error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

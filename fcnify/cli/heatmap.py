@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable, Tuple
+from typing import Any
 
-from ._errors import FcnifyError
+from .._errors import FcnifyError
+from .._mode import Mode
+from ._args import add_model_arguments, load_from_args, parse_size
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(sub: Any, size: Callable[[str], Tuple[int, int]]) -> None:
+def add_parser(sub: Any) -> None:
     heat = sub.add_parser(
         "heatmap",
         help="draw where a classifier fires on an image (one panel per class)",
@@ -19,20 +21,14 @@ def add_parser(sub: Any, size: Callable[[str], Tuple[int, int]]) -> None:
         "write a picture: the image with a semi-transparent probability map per class, a colour bar and the "
         "class name. Maps are placed on the pixels with the network's geometry.",
     )
-    heat.add_argument("model", metavar="MODEL", help="torchvision or timm model name, or a torch.save-d model file")
+    add_model_arguments(heat, modes=(Mode.WINDOW.value, Mode.DENSE.value))  # a heatmap needs a map
     heat.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...) or an (H, W, 3) .npy array")
-    source = heat.add_mutually_exclusive_group()
-    source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
-    source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
     heat.add_argument("--class", dest="classes", action="append", metavar="NAME_OR_ID",
                       help="a class to draw, by index or name (repeat for more); default: the --top classes")
     heat.add_argument("--top", type=int, default=3, metavar="K", help="how many classes when --class is not given (default 3)")
     heat.add_argument("-o", "--output", metavar="PNG", help="where to write the picture; default: IMAGE-heatmap.png")
-    heat.add_argument("--input-size", type=size, metavar="HxW", help="training size (default: from the weights' metadata)")
-    heat.add_argument("--mode", choices=("window", "dense"), default="window",
-                      help="window: the classifier on every training-size window (default); dense: per feature cell")
     heat.add_argument("--output-stride", type=int, metavar="S", help="a finer map, e.g. 16 or 8 (default: native)")
-    heat.add_argument("--tile", type=size, metavar="HxW", help="run tile by tile with this tile size "
+    heat.add_argument("--tile", type=parse_size, metavar="HxW", help="run tile by tile with this tile size "
                       "(default: automatic for images above 2048x2048)")
 
 
@@ -50,18 +46,14 @@ def _normalization(model: Any, name: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._convert import convert
-    from ._models import load_model
-    from .heatmap import heatmap, render_heatmap
+    from ..conversion import convert
+    from ..inference import heatmap, render_heatmap
 
     if args.top < 1:
         raise FcnifyError(f"--top must be at least 1, got {args.top}. Hint: --top 3.")
     if not os.path.isfile(args.image):
         raise FcnifyError(f"image file not found: {args.image}. Hint: check the path.")
-    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
-    input_size = args.input_size or size
-    if input_size is None:
-        raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
+    model, input_size = load_from_args(args)
     fcn = convert(model, input_size=input_size, mode=args.mode, output_stride=args.output_stride)
     result = heatmap(fcn, args.image, classes=args.classes, top=args.top,
                      normalize=_normalization(model, args.model), tile=args.tile, progress=True)

@@ -1,136 +1,48 @@
-"""``fcnify.convert``: trace -> find the head -> rewrite -> check other sizes -> verify."""
+"""``fcnify.trace`` and ``fcnify.convert``: trace once -> find the head -> rewrite -> check other sizes -> verify."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
-from ._rewrite import MODES, Context, Rewrite, rewrite_head
-from ._trace import describe_node, eval_mode, record_shapes, second_size, trace
-from .rules import DEFAULT_RULES
-from .verify import DEFAULT_RTOL, VerificationReport, example_input
-from .verify import verify as _verify
+from .._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
+from .._mode import Mode, as_mode
+from ..graph import InputSize, ShapeRun, describe_node, example_input, record_shapes, resolve_input_size, second_size
+from ..graph import trace_model
+from ..verification import DEFAULT_RTOL
+from ._result import ConversionReport, FullyConvolutionalNet
+from ._rewrite import Context, rewrite_head
+from ._stride import with_output_stride
+from ._verify import verify as _verify
+from .rules import RULES
 
-__all__ = ["convert", "ConversionReport", "resolve_input_size", "prepare", "build", "Traced"]
-
-
-@dataclasses.dataclass
-class ConversionReport:
-    """What :func:`convert` did; attached to the result as ``fcn.conversion_report``.
-
-    Attributes:
-        model: class name of the original model.
-        mode: ``window``, ``dense`` or ``global``.
-        input_size: ``(C, H, W)`` training size.
-        rewrites: each rule applied, node by node (before -> after).
-        checks: per output, the verification that applies (``equal``, ``mean``, ``none``).
-        probe_size: the larger ``(H, W)`` the converted model was run at.
-        probe_output_shapes: its output shapes at ``probe_size``.
-        verification: the :class:`~fcnify.VerificationReport`, when verified.
-        seconds: wall time of the conversion, verification included.
-        output_stride: the stride asked for with ``output_stride`` (None: the native one).
-        stride_changes: the layers whose stride or dilation changed for it.
-    """
-
-    model: str
-    mode: str
-    input_size: Tuple[int, int, int]
-    rewrites: List[Rewrite]
-    checks: List[str]
-    probe_size: Tuple[int, int]
-    probe_output_shapes: List[Tuple[int, ...]]
-    verification: Optional[VerificationReport] = None
-    seconds: float = 0.0
-    output_stride: Optional[int] = None
-    stride_changes: List[str] = dataclasses.field(default_factory=list)
-
-    def __str__(self) -> str:
-        c, h, w = self.input_size
-        lines = [f"{self.model} -> fully convolutional ({self.mode} mode, trained at {c}x{h}x{w})", "head rewrites:"]
-        lines += [f"  {r}" for r in self.rewrites]
-        shapes = ", ".join("x".join(map(str, s)) for s in self.probe_output_shapes)
-        lines.append(f"at {self.probe_size[0]}x{self.probe_size[1]} input: output {shapes}")
-        if self.verification is not None:
-            lines.append(str(self.verification))
-        if self.output_stride is not None:
-            lines.append(f"output stride {self.output_stride}: {len(self.stride_changes)} layers changed")
-            lines += [f"  {c}" for c in self.stride_changes]
-        return "\n".join(lines)
-
-
-def resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]], gm: Optional[fx.GraphModule] = None):
-    """``(C, H, W)`` from ``input_size`` (``(H, W)``, ``(C, H, W)`` or an int) and the model.
-
-    Channels come from timm's ``pretrained_cfg`` or the first convolution; the size, when
-    omitted, from timm's ``pretrained_cfg`` or ``model.fcnify_input_size`` (set by
-    :func:`fcnify.load_model` from torchvision's weight metadata).
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    cfg_size = tuple(cfg.get("input_size", ())) or None
-    if input_size is None:
-        input_size = getattr(model, "fcnify_input_size", None) or cfg_size
-        if input_size is None:
-            raise FcnifyError(
-                f"input_size is required for {type(model).__name__}: the model carries no pretrained config "
-                "that names its training size. Hint: fcnify.convert(model, input_size=(224, 224))."
-            )
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    input_size = tuple(int(s) for s in input_size)
-    if len(input_size) == 3:
-        return input_size
-    if len(input_size) != 2 or min(input_size) < 1:
-        raise FcnifyError(f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}")
-    channels = cfg_size[0] if cfg_size else _first_conv_channels(model, gm)
-    return (channels, *input_size)
-
-
-def _first_conv_channels(model: nn.Module, gm: Optional[fx.GraphModule]) -> int:
-    if gm is not None:
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                for m in gm.get_submodule(node.target).modules():
-                    if isinstance(m, nn.Conv2d):
-                        return m.in_channels
-            if node.op == "call_function" and node.target is torch.nn.functional.conv2d:
-                weight = node.args[1]
-                if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                    w = gm.get_parameter(weight.target)
-                    return w.shape[1] * (node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    raise FcnifyError(
-        f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d. "
-        "Hint: pass input_size=(C, H, W)."
-    )
+__all__ = ["convert", "trace", "Traced"]
 
 
 def convert(
     model: nn.Module,
-    input_size: Optional[Sequence[int]] = None,
-    mode: str = "window",
+    input_size: Optional[InputSize] = None,
+    mode: Union[Mode, str] = Mode.WINDOW,
     output_stride: Optional[int] = None,
     verify: bool = True,
     rtol: float = DEFAULT_RTOL,
-) -> fx.GraphModule:
+) -> FullyConvolutionalNet:
     """Turn a classifier into a fully convolutional network.
 
     Args:
         model: any ``nn.Module`` classifier torch.fx can trace; it is not modified.
         input_size: training size ``(H, W)`` (or ``(C, H, W)``); from the model's
             pretrained config when omitted.
-        mode: ``"window"`` slides the classifier over the image (at the training size the
-            output is ``(N, K, 1, 1)``); ``"dense"`` predicts at every feature-map cell;
-            ``"global"`` keeps ``(N, K)`` outputs but accepts any input size.
+        mode: a :class:`~fcnify.Mode` or its name. ``"window"`` slides the classifier over the
+            image (at the training size the output is ``(N, K, 1, 1)``); ``"dense"`` predicts at
+            every feature-map cell; ``"global"`` keeps ``(N, K)`` outputs but accepts any input size.
         output_stride: a finer stride for the output map (window and dense modes): any
             divisor of the native stride (32 -> 16, 8, 4, 2, 1). Strides of the last layers are
             removed and later layers dilated; every native cell is unchanged (verified), and
@@ -140,8 +52,9 @@ def convert(
         rtol: verification tolerance relative to the largest logit.
 
     Returns:
-        A ``torch.fx.GraphModule`` taking ``(N, C, H, W)`` for any ``H, W`` at least the
-        training size; ``.conversion_report`` tells what was rewritten and verified.
+        A :class:`~fcnify.FullyConvolutionalNet` (a ``torch.fx.GraphModule``) taking
+        ``(N, C, H, W)`` for any ``H, W`` at least the training size; ``.conversion_report``
+        tells what was rewritten and verified.
 
     Raises:
         UnsupportedModelError: a part of the model cannot be made convolutional exactly.
@@ -157,118 +70,129 @@ def convert(
         >>> fcn(torch.randn(1, 1, 28, 28)).shape
         torch.Size([1, 10, 1, 1])
         >>> fcn(torch.randn(1, 1, 64, 80)).shape
-        torch.Size([1, 10, 19, 26])
+        torch.Size([1, 10, 19, 27])
     """
     start = time.perf_counter()
-    traced = prepare(model, input_size, modes=(mode,), output_stride=output_stride)
-    fcn = build(model, traced, mode, verify=verify, rtol=rtol)
-    if output_stride is not None:
-        from ._stride import with_output_stride
-
-        fcn = with_output_stride(fcn, output_stride, traced.x2, verify, rtol)
+    mode = as_mode(mode)
+    _check_output_stride(output_stride)
+    fcn = trace(model, input_size).convert(mode, output_stride=output_stride, verify=verify, rtol=rtol)
     fcn.conversion_report.seconds = time.perf_counter() - start
     return fcn
 
 
-@dataclasses.dataclass
-class Traced:
-    """A traced classifier with its shapes at the training size and at a larger probe size.
-
-    One ``Traced`` can be rewritten in every mode: :func:`build` never changes it.
-    """
-
-    gm: fx.GraphModule
-    size: Tuple[int, int, int]
-    run: Any
-    run2: Any
-    probe: Tuple[int, int]
-    x2: torch.Tensor
-
-
-def prepare(
-    model: nn.Module,
-    input_size: Optional[Sequence[int]] = None,
-    modes: Sequence[str] = MODES,
-    output_stride: Optional[int] = None,
-    batch: int = 2,
-) -> Traced:
-    """Trace ``model`` and run it at the training size and at the probe size (first half of convert).
-
-    ``batch`` is the batch of the example inputs (2 by default; 1 makes a sweep cheaper).
-    """
-    for mode in modes:
-        if mode not in MODES:
-            raise FcnifyError(f"unknown mode {mode!r}. Hint: use one of {', '.join(MODES)}.")
-    if output_stride is not None and (isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride < 1):
+def _check_output_stride(output_stride: Any) -> None:
+    if output_stride is not None and (
+        isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride < 1
+    ):
         raise FcnifyError(
             f"output_stride must be a positive integer, got {output_stride!r}. Hint: output_stride=16, 8, 4, 2 or 1."
         )
-    gm = trace(model)
-    size = resolve_input_size(model, input_size, gm)
-    x = example_input(gm, size, batch)
-    run = record_shapes(gm, x)
-    if run.failed_at is not None:
-        raise FcnifyError(
-            f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
-            f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. Hint: check input_size (C, H, W); "
-            "an input too small for the network's downsampling fails this way."
-        ) from run.error
-    probe = second_size(size[1:])
-    x2 = example_input(gm, (size[0], *probe), batch)
-    run2 = record_shapes(gm, x2)
-    return Traced(gm, size, run, run2, probe, x2)
 
 
-def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol: float = DEFAULT_RTOL) -> fx.GraphModule:
-    """Rewrite ``traced`` in ``mode``, probe it at the larger size and verify it (second half of convert)."""
-    start = time.perf_counter()
-    gm, size = traced.gm, traced.size
-    ctx = rewrite_head(gm, traced.run, traced.run2, mode, DEFAULT_RULES)
-    if not ctx.rewrites:
-        tokens = next((n for n in gm.graph.nodes if n in ctx.head and _is_token_sequence(traced.run.shape(n))), None)
-        if tokens is not None:
+@dataclasses.dataclass
+class Traced:
+    """A classifier traced once, with its shapes at the training size and at a larger probe size.
+
+    Made by :func:`fcnify.trace`. :meth:`convert` rewrites it in any mode, as often as needed:
+    it never changes the trace, so a sweep over modes traces and runs the model only once.
+
+    Attributes:
+        model: the original classifier (not modified).
+        gm: the traced eval-mode copy.
+        input_size: the training size ``(C, H, W)``.
+        run: every node's shape at the training size.
+        probe_run: every node's shape at ``probe_size``.
+        probe_size: a larger, non-square ``(H, W)``: nodes tied to the training size show here.
+        probe_input: the ``(batch_size, C, *probe_size)`` input of ``probe_run``.
+    """
+
+    model: nn.Module
+    gm: fx.GraphModule
+    input_size: Tuple[int, int, int]
+    run: ShapeRun
+    probe_run: ShapeRun
+    probe_size: Tuple[int, int]
+    probe_input: torch.Tensor
+
+    def convert(
+        self,
+        mode: Union[Mode, str] = Mode.WINDOW,
+        output_stride: Optional[int] = None,
+        verify: bool = True,
+        rtol: float = DEFAULT_RTOL,
+    ) -> FullyConvolutionalNet:
+        """Rewrite the head in ``mode``, probe the result at the larger size and verify it.
+
+        The arguments are those of :func:`fcnify.convert`.
+
+        Example:
+            >>> import torch, fcnify
+            >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+            ...                           torch.nn.Flatten(), torch.nn.Linear(4, 2))
+            >>> traced = fcnify.trace(net, input_size=(16, 16))
+            >>> [tuple(traced.convert(m)(torch.randn(1, 3, 32, 32)).shape) for m in fcnify.MODES]
+            [(1, 2, 17, 17), (1, 2, 30, 30), (1, 2)]
+        """
+        mode = as_mode(mode)
+        _check_output_stride(output_stride)
+        start = time.perf_counter()
+        fcn = self._build(mode, verify, rtol)
+        if output_stride is not None:
+            fcn = with_output_stride(fcn, output_stride, self.probe_input, verify, rtol)
+        fcn.conversion_report.seconds = time.perf_counter() - start
+        return fcn
+
+    def _build(self, mode: Mode, verify: bool, rtol: float) -> FullyConvolutionalNet:
+        model, traced = self.model, self
+        gm, size = traced.gm, traced.input_size
+        ctx = rewrite_head(gm, traced.run, traced.probe_run, mode.value, RULES)
+        if not ctx.rewrites:
+            tokens = next((n for n in gm.graph.nodes if n in ctx.head and _is_token_sequence(traced.run.shape(n))), None)
+            if tokens is not None:
+                raise UnsupportedModelError(
+                    f"cannot convert {type(model).__name__}: its logits come from a sequence of tokens "
+                    f"{traced.run.shape(tokens)} at {describe_node(gm, tokens)}, not from a pooled or flattened "
+                    "spatial feature map (a class-token or attention-pooling head of a transformer). Hint: there is "
+                    "no per-position classifier to extract; run the model on crops, or use a CNN classifier."
+                )
+            if traced.probe_run.failed_at is not None:  # the head is not found because the probe run stopped early
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} does not run at a {traced.probe_size[0]}x{traced.probe_size[1]} input: "
+                    f"{describe_node(gm, traced.probe_run.failed_at)} fails with: {first_line(traced.probe_run.error)}. "
+                    "Hint: the model is built for one input size (a fixed patch grid, position embedding or "
+                    "attention window); build it for dynamic sizes if the library allows it (timm: "
+                    "dynamic_img_size=True or strict_img_size=False), then convert."
+                ) from traced.probe_run.error
             raise UnsupportedModelError(
-                f"cannot convert {type(model).__name__}: its logits come from a sequence of tokens "
-                f"{traced.run.shape(tokens)} at {describe_node(gm, tokens)}, not from a pooled or flattened "
-                "spatial feature map (a class-token or attention-pooling head of a transformer). Hint: there is "
-                "no per-position classifier to extract; run the model on crops, or use a CNN classifier."
+                f"no classifier head found in {type(model).__name__}: no pooling or flatten turns a feature "
+                "map into feature vectors. Hint: the model may already be fully convolutional."
             )
-        if traced.run2.failed_at is not None:  # the head is not found because the probe run stopped early
-            raise UnsupportedModelError(
-                f"{type(model).__name__} does not run at a {traced.probe[0]}x{traced.probe[1]} input: "
-                f"{describe_node(gm, traced.run2.failed_at)} fails with: {first_line(traced.run2.error)}. "
-                "Hint: the model is built for one input size (a fixed patch grid, position embedding or "
-                "attention window); build it for dynamic sizes if the library allows it (timm: "
-                "dynamic_img_size=True or strict_img_size=False), then convert."
-            ) from traced.run2.error
-        raise UnsupportedModelError(
-            f"no classifier head found in {type(model).__name__}: no pooling or flatten turns a feature "
-            "map into feature vectors. Hint: the model may already be fully convolutional."
+        fcn = FullyConvolutionalNet(ctx.attributes(), ctx.graph, f"{type(model).__name__}FCN")
+        fcn.train(False)
+        fcn.graph.eliminate_dead_code()
+        fcn.graph.lint()
+        fcn.recompile()
+        fcn.delete_all_unused_submodules()
+        checks = _checks(gm, ctx)
+        probe_shapes = _probe(fcn, traced.probe_input, mode.value, (size[1], size[2]))
+        report = ConversionReport(
+            type(model).__name__, mode.value, size, ctx.rewrites, checks, traced.probe_size, probe_shapes
         )
-    fcn = fx.GraphModule(ctx.attributes(), ctx.graph, f"{type(model).__name__}FCN")
-    fcn.train(False)
-    fcn.graph.eliminate_dead_code()
-    fcn.graph.lint()
-    fcn.recompile()
-    fcn.delete_all_unused_submodules()
-    checks = _checks(gm, ctx)
-    probe_shapes = _probe(fcn, traced.x2, mode, size[1:])
-    report = ConversionReport(type(model).__name__, mode, size, ctx.rewrites, checks, traced.probe, probe_shapes)
-    fcn.conversion_report = report
-    for attribute in ("pretrained_cfg", "fcnify_input_size"):  # normalisation and size travel with the model
-        if getattr(model, attribute, None) is not None:
-            setattr(fcn, attribute, copy.deepcopy(getattr(model, attribute)))
-    if verify:
-        report.verification = _verify(model, fcn, size, mode, checks=checks, rtol=rtol, batch=traced.x2.shape[0])
-        if not report.verification.passed:
-            raise VerificationError(
-                f"the converted {type(model).__name__} does not reproduce the original:\n{report.verification}\n"
-                "Hint: a layer in the head is not applied per position; report it with the rewrites above:\n"
-                + "\n".join(f"  {r}" for r in ctx.rewrites)
+        fcn.conversion_report = report
+        if getattr(model, "pretrained_cfg", None) is not None:  # normalisation travels with the model
+            fcn.pretrained_cfg = copy.deepcopy(model.pretrained_cfg)
+        if verify:
+            report.verification = _verify(
+                model, fcn, size, mode, checks=checks, rtol=rtol, batch_size=traced.probe_input.shape[0]
             )
-    _restore_training(fcn, model)
-    report.seconds = time.perf_counter() - start
-    return fcn
+            if not report.verification.passed:
+                raise VerificationError(
+                    f"the converted {type(model).__name__} does not reproduce the original:\n{report.verification}\n"
+                    "Hint: a layer in the head is not applied per position; report it with the rewrites above:\n"
+                    + "\n".join(f"  {r}" for r in ctx.rewrites)
+                )
+        _restore_training(fcn, model)
+        return fcn
 
 
 def _is_token_sequence(shape: Any) -> bool:
@@ -282,6 +206,45 @@ def _restore_training(fcn: nn.Module, model: nn.Module) -> None:
         m.training = flags.get(name, model.training)
 
 
+def trace(model: nn.Module, input_size: Optional[InputSize] = None, batch_size: int = 2) -> Traced:
+    """Trace ``model`` once and run it at the training size and at a larger probe size.
+
+    The first half of :func:`fcnify.convert`; ``trace(model, size).convert(mode)`` is
+    ``convert(model, size, mode)``. Converting one trace in several modes saves the tracing
+    and the two shape runs for each further mode.
+
+    Args:
+        model: the classifier; it is not modified.
+        input_size: training size ``(H, W)`` or ``(C, H, W)``; from the model when omitted.
+        batch_size: the batch of the example inputs (1 makes a sweep cheaper).
+
+    Returns:
+        A :class:`Traced`; call ``.convert(mode)`` on it.
+
+    Raises:
+        TraceError: torch.fx cannot trace the model.
+        FcnifyError: the model fails at ``input_size``.
+
+    Example:
+        >>> import torch, fcnify
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+        >>> traced = fcnify.trace(net, input_size=(8, 8))
+        >>> traced.input_size, traced.convert("window").conversion_report.mode
+        ((3, 8, 8), 'window')
+    """
+    gm = trace_model(model)
+    size = resolve_input_size(model, input_size, gm)
+    x = example_input(gm, size, batch_size)
+    run = record_shapes(gm, x)
+    if run.failed_at is not None:
+        raise FcnifyError(
+            f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
+            f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. Hint: check input_size (C, H, W); "
+            "an input too small for the network's downsampling fails this way."
+        ) from run.error
+    probe = second_size((size[1], size[2]))
+    x2 = example_input(gm, (size[0], *probe), batch_size)
+    return Traced(model, gm, size, run, record_shapes(gm, x2), probe, x2)
 
 
 def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:

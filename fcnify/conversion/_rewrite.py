@@ -18,12 +18,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import UnsupportedModelError
-from ._trace import ShapeRun, describe_node
+from .._errors import UnsupportedModelError
+from .._mode import MODES, Mode
+from ..graph import ShapeRun, describe_node, fetch_attr, is_adaptive_pool
 
-__all__ = ["Lifted", "Context", "rewrite_head", "MODES"]
-
-MODES = ("window", "dense", "global")
+__all__ = ["Lifted", "Context", "Rewrite", "rewrite_head", "find_head", "MODES"]
 
 
 @dataclasses.dataclass
@@ -164,7 +163,7 @@ class Context:
         found: Dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in found:
-                found[node.target] = self.added[node.target] if node.target in self.added else _fetch(self.gm, node.target)
+                found[node.target] = self.added[node.target] if node.target in self.added else fetch_attr(self.gm, node.target)
         return found
 
     def record(self, rule: str, node: fx.Node, before: str, after: str) -> None:
@@ -172,13 +171,6 @@ class Context:
 
     def unsupported(self, node: fx.Node, reason: str, hint: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"cannot convert {self.describe(node)}: {reason}. Hint: {hint}")
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def is_spatial_map(shape: Any) -> bool:
@@ -205,7 +197,7 @@ def find_head(gm: fx.GraphModule, run: ShapeRun, run2: Optional[ShapeRun] = None
     # adaptive pool to 4x4, 1x1 conv, flatten): their maps do not grow with the input either.
     for node in reversed(list(gm.graph.nodes)):
         if node in body and node.users and all(u in head for u in node.users):
-            if _is_adaptive_pool(gm, node) or (_is_frozen(node, run, run2) and _follows_adaptive_pool(gm, node)):
+            if is_adaptive_pool(node, gm) or (_is_frozen(node, run, run2) and _follows_adaptive_pool(gm, node)):
                 head.add(node)
     return head
 
@@ -224,17 +216,8 @@ def _follows_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
         if len(inputs) != 1:
             return False
         node = inputs[0]
-        if _is_adaptive_pool(gm, node):
+        if is_adaptive_pool(node, gm):
             return True
-
-
-def _is_adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
-    return node.op == "call_function" and node.target in (
-        torch.nn.functional.adaptive_avg_pool2d,
-        torch.nn.functional.adaptive_max_pool2d,
-    )
 
 
 def rewrite_head(gm: fx.GraphModule, run: ShapeRun, run2: ShapeRun, mode: str, rules: Sequence[Any]) -> Context:

@@ -25,67 +25,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import FcnifyError, UnsupportedModelError, VerificationError
-from ._trace import describe_node
-from .geometry import _Global, _Merge, _Pad, _plan, _Window
+from .._errors import FcnifyError, UnsupportedModelError, VerificationError
+from ..analysis import Global, Merge, Pad, Window, plan_steps, propagate
+from ..graph import arg, describe_node, set_arg
+from ..verification import compare
+from ._runtime import dilated_avg_pool2d
 
-__all__ = ["with_output_stride", "apply_output_stride", "check_output_stride", "dilated_avg_pool2d"]
+__all__ = ["with_output_stride", "apply_output_stride", "check_output_stride"]
 
 Pair = Tuple[int, int]
-
-
-def dilated_avg_pool2d(
-    x: torch.Tensor,
-    kernel_size: Pair,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    ceil_extra: Pair = (0, 0),
-    count_include_pad: bool = True,
-    divisor_override: Optional[int] = None,
-) -> torch.Tensor:
-    """``avg_pool2d`` with dilated windows, as a depthwise convolution (exact up to float rounding).
-
-    ``ceil_extra`` pads the bottom/right with pixels that are never counted, which reproduces
-    ``ceil_mode=True`` windows that run past the input.
-
-    Example:
-        >>> import torch
-        >>> x = torch.randn(1, 2, 6, 6)
-        >>> y = dilated_avg_pool2d(x, (2, 2), (1, 1), (0, 0), (1, 1))
-        >>> torch.allclose(y, torch.nn.functional.avg_pool2d(x, 2, 1))
-        True
-    """
-    channels = x.shape[1]
-    ones = torch.ones(channels, 1, kernel_size[0], kernel_size[1], dtype=x.dtype, device=x.device)
-    pad = (padding[1], padding[1] + ceil_extra[1], padding[0], padding[0] + ceil_extra[0])
-    total = F.conv2d(F.pad(x, pad), ones, None, stride, 0, dilation, channels)
-    if divisor_override:
-        return total / divisor_override
-    if count_include_pad:
-        mask = torch.ones(1, 1, x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1], dtype=x.dtype, device=x.device)
-        mask = F.pad(mask, (0, ceil_extra[1], 0, ceil_extra[0]))
-    else:
-        mask = F.pad(torch.ones(1, 1, x.shape[2], x.shape[3], dtype=x.dtype, device=x.device), pad)
-    count = F.conv2d(mask, ones[:1], None, stride, 0, dilation)
-    return total / count
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
-    if len(node.args) > index:
-        args = list(node.args)
-        args[index] = value
-        node.args = tuple(args)
-    else:
-        kwargs = dict(node.kwargs)
-        kwargs[name] = value
-        node.kwargs = kwargs
 
 
 def _mul(pair: Pair, factor: Pair) -> Pair:
@@ -133,7 +81,7 @@ def apply_output_stride(
             change, a module used at several places).
     """
     new = copy.deepcopy(fcn)
-    steps, output = _plan(new, tuple(input_size))
+    steps, output = plan_steps(new, tuple(input_size))
     native = _native_stride(steps, output, input_size)
     if not isinstance(output_stride, int) or output_stride < 1 or any(n % output_stride for n in native):
         divisors = [d for d in range(1, native[0] + 1) if native[0] % d == 0 and native[1] % d == 0]
@@ -156,7 +104,7 @@ def apply_output_stride(
         if node.op == "placeholder" and not stride:
             stride[node], factor[node] = (1, 1), (1, 1)
             continue
-        if isinstance(op, _Global):
+        if isinstance(op, Global):
             for parent in parents:
                 if factor[parent] != (1, 1) and node.op != "get_attr":
                     _read_native_cells(new, node, current.get(parent, parent), factor[parent])
@@ -165,7 +113,7 @@ def apply_output_stride(
             continue
         d_in = factor[parents[0]]
         s_in = stride[parents[0]]
-        if isinstance(op, _Merge):
+        if isinstance(op, Merge):
             if any(factor[p] != d_in for p in parents):
                 raise UnsupportedModelError(
                     f"branches of different output strides meet at {describe_node(new, node)}. "
@@ -173,11 +121,11 @@ def apply_output_stride(
                 )
             stride[node], factor[node] = s_in, d_in
             continue
-        if isinstance(op, _Pad):
+        if isinstance(op, Pad):
             if d_in != (1, 1):
-                pad = list(_arg(node, 1, "pad"))
+                pad = list(arg(node, 1, "pad"))
                 pad = [p * d_in[1] if i < 2 else p * d_in[0] for i, p in enumerate(pad)]
-                _set_arg(node, 1, "pad", pad)
+                setarg(node, 1, "pad", pad)
                 changes.append(f"{node.name}: padding x{d_in[0]}")
             stride[node], factor[node] = s_in, d_in
             continue
@@ -221,9 +169,7 @@ def apply_output_stride(
 
 
 def _native_stride(steps, output: int, input_size: Sequence[int]) -> Pair:
-    from .geometry import _propagate
-
-    ys, xs = _propagate(steps, tuple(input_size)[1:])[output]
+    ys, xs = propagate(steps, tuple(input_size)[1:])[output]
     if ys is None or xs is None:
         raise FcnifyError("output_stride needs a map output. Hint: convert in window or dense mode.")
     return (ys.stride, xs.stride)
@@ -238,7 +184,7 @@ def _read_native_cells(gm: fx.GraphModule, node: fx.Node, parent: fx.Node, facto
 
 
 def _rewrite_window(
-    gm: fx.GraphModule, modules: Dict[str, nn.Module], node: fx.Node, op: _Window, t: Pair, d: Pair
+    gm: fx.GraphModule, modules: Dict[str, nn.Module], node: fx.Node, op: Window, t: Pair, d: Pair
 ) -> Tuple[str, Optional[fx.Node]]:
     """Give one convolution or pool stride ``t`` and dilate it (and its padding) by ``d``.
 
@@ -267,9 +213,9 @@ def _rewrite_window(
                 )
             module.stride, module.dilation, module.padding = t, dilation, pad_before
         else:
-            _set_arg(node, 3, "stride", t)
-            _set_arg(node, 4, "padding", pad_before)
-            _set_arg(node, 5, "dilation", dilation)
+            setarg(node, 3, "stride", t)
+            setarg(node, 4, "padding", pad_before)
+            setarg(node, 5, "dilation", dilation)
         return where + f"conv {before} -> {after}", None
     is_max = isinstance(module, nn.MaxPool2d) or node.target in (F.max_pool2d, torch.max_pool2d)
     kernel = op.kernel
@@ -286,7 +232,7 @@ def _rewrite_window(
         if module is not None:
             include, divisor = module.count_include_pad, module.divisor_override
         else:
-            include, divisor = bool(_arg(node, 5, "count_include_pad", True)), _arg(node, 6, "divisor_override", None)
+            include, divisor = bool(arg(node, 5, "count_include_pad", True)), arg(node, 6, "divisor_override", None)
         if not symmetric:
             raise UnsupportedModelError(
                 f"{describe_node(gm, node)}: asymmetric padding in an average pool. Hint: report this model."
@@ -302,15 +248,15 @@ def _rewrite_window(
 
 
 def check_output_stride(
-    native: nn.Module, strided: nn.Module, x: torch.Tensor, factor: Pair, rtol: float
+    native: nn.Module, strided: nn.Module, image: torch.Tensor, factor: Pair, rtol: float
 ) -> Tuple[bool, float, float]:
     """Every ``factor``-th cell of the strided map equals the native map: ``(passed, error, tolerance)``."""
     with torch.no_grad():
-        ref = native(x)
-        out = strided(x)
+        ref = native(image)
+        out = strided(image)
     refs = ref if isinstance(ref, (list, tuple)) else [ref]
     outs = out if isinstance(out, (list, tuple)) else [out]
-    worst, tol = 0.0, 0.0
+    pairs = []
     for r, o in zip(refs, outs):
         if not isinstance(r, torch.Tensor) or r.dim() != 4:
             continue
@@ -318,7 +264,6 @@ def check_output_stride(
         sub = o[:, :, :: factor[0], :: factor[1]]
         if sub.shape[2] < h or sub.shape[3] < w:
             return False, float("inf"), 0.0
-        scale = max(1.0, r.abs().max().item())
-        worst = max(worst, (sub[:, :, :h, :w] - r).abs().max().item())
-        tol = max(tol, rtol * scale)
-    return worst <= tol, worst, tol
+        pairs.append((r, sub[:, :, :h, :w]))
+    result = compare(pairs, rtol)
+    return result.passed, result.max_abs_error, result.tolerance

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..graph import parent_name
+
 __all__ = [
     "exportable", "shifted_window_attention", "adaptive_avg_pool2d", "scaled_dot_product_attention",
     "MultiScaleFusion",
@@ -303,7 +305,7 @@ def exportable(fcn: nn.Module) -> nn.Module:
             stand_ins[node.target] = value
     module = fx.GraphModule(fcn, graph, type(fcn).__name__)
     for target, stand_in in stand_ins.items():
-        parent, _, name = target.rpartition(".")
+        parent, name = parent_name(target)
         holder = module.get_submodule(parent)
         if holder is not fcn.get_submodule(parent):  # the copy's own container, never the user's module
             setattr(holder, name, stand_in)

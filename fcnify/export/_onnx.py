@@ -23,11 +23,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim
 
-from ._errors import ExportError, first_line
+from .._errors import ExportError, FcnifyError, first_line
+from ..conversion import FullyConvolutionalNet
+from ..graph import InputSize, eval_mode, example_input, resolve_input_size, second_size
+from ..verification import ONNX_RTOL, compare
 from ._exportable import exportable
 from ._onnx_pad import guard_zero_pad_before_max_pool
-from ._trace import eval_mode, second_size
-from .verify import example_input
 
 __all__ = ["export_onnx", "validate_onnx", "OnnxExportReport", "SizeCheck"]
 
@@ -37,15 +38,6 @@ _EXTERNAL_DATA_BYTES = 2**31 - 2**26
 _INPUT_NAME = "image"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-#: ONNX Runtime vs PyTorch tolerance, relative to ``max(1, max |output|)``. Looser than the
-#: 1e-4 of :func:`fcnify.verify` (PyTorch against itself): ONNX Runtime's kernels (MLAS)
-#: accumulate in another order than PyTorch's (oneDNN), and in deep residual networks the
-#: difference grows with the residual stream, not with the logits (resnet152, random weights:
-#: 3e-4 of the largest logit). 1e-3 is also the default of PyTorch's own ONNX verification.
-#: A size frozen at export or a wrong branch gives errors of the order of the output.
-ONNX_RTOL = 1e-3
 
 
 @dataclasses.dataclass
@@ -137,7 +129,7 @@ class OnnxExportReport:
 def export_onnx(
     fcn: nn.Module,
     path: str,
-    input_size: Optional[Sequence[int]] = None,
+    input_size: Optional[InputSize] = None,
     opset: Optional[int] = None,
     dynamic_batch: bool = True,
     validate_sizes: Optional[Sequence[Sequence[int]]] = None,
@@ -178,7 +170,7 @@ def export_onnx(
         >>> report.sizes, report.output_shapes
         ([(16, 16), (80, 144), (49, 81)], [['batch', 3, 'height - 15', 'width - 15']])
     """
-    size = _input_size(fcn, input_size)
+    size = _conversion_size(fcn, input_size)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ExportError(f"cannot export to {path}: folder {directory} does not exist. Hint: create it first.")
@@ -256,7 +248,7 @@ def _remove(*paths: str) -> None:
 def validate_onnx(
     model: nn.Module,
     path: str,
-    input_size: Sequence[int],
+    input_size: InputSize,
     validate_sizes: Optional[Sequence[Sequence[int]]] = None,
     dynamic_batch: bool = True,
     rtol: float = ONNX_RTOL,
@@ -283,59 +275,48 @@ def validate_onnx(
 
     Example:
         >>> import torch, torchvision, fcnify
-        >>> vgg = torchvision.models.vgg11().eval()
+        >>> vgg = torchvision.models.vgg11().eval()  # doctest: +SKIP
         >>> torch.onnx.export(vgg, (torch.randn(1, 3, 224, 224),), "vgg.onnx", dynamo=True,
         ...     dynamic_shapes=({2: torch.export.Dim("h"), 3: torch.export.Dim("w")},))  # doctest: +SKIP
         >>> fcnify.validate_onnx(vgg, "vgg.onnx", (224, 224))  # doctest: +SKIP
         Traceback (most recent call last):
         fcnify._errors.ExportError: ONNX Runtime fails on vgg.onnx at input 1x3x288x352: ... GEMM: Dimension mismatch ...
     """
-    import onnx
-
     if not os.path.isfile(path):
         raise ExportError(f"no such ONNX file: {path}. Hint: check the path.")
-    size = tuple(int(s) for s in ((input_size, input_size) if isinstance(input_size, int) else input_size))
-    if len(size) == 2:
-        channels = _dims(onnx.load(path, load_external_data=False).graph.input[0])[1:2]
-        if not channels or not isinstance(channels[0], int):
-            raise ExportError(f"{path} does not fix the number of input channels. Hint: pass input_size=(C, H, W).")
-        size = (channels[0], *size)
-    if len(size) != 3 or min(size) < 1:
-        raise ExportError(f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}.")
+    size = _input_size(model, input_size)
     return _validate(model, path, size, dynamic_batch, validate_sizes, rtol)
 
 
-def _input_size(fcn: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, int, int]:
-    report = getattr(fcn, "conversion_report", None)
-    if report is None:
+def _conversion_size(fcn: nn.Module, input_size: Optional[InputSize]) -> Tuple[int, int, int]:
+    if not isinstance(fcn, FullyConvolutionalNet):
         raise ExportError(
-            f"{type(fcn).__name__} is not an fcnify conversion (it has no conversion_report): a classifier's "
+            f"{type(fcn).__name__} is not an fcnify conversion (not a FullyConvolutionalNet): a classifier's "
             "pooling to a fixed size and its flatten + Linear head get frozen to the example size in ONNX, and "
             "the file fails or silently misbehaves at other sizes. Hint: fcn = fcnify.convert(model, "
             "input_size=(224, 224)), then fcnify.export_onnx(fcn, path)."
         )
-    if input_size is None:
-        return tuple(report.input_size)
-    input_size = tuple(int(s) for s in ((input_size, input_size) if isinstance(input_size, int) else input_size))
-    if len(input_size) == 2:
-        input_size = (report.input_size[0], *input_size)
-    if len(input_size) != 3 or min(input_size) < 1:
-        raise ExportError(f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}. "
-                          "Hint: leave it out to use the conversion's training size.")
-    return input_size
+    return _input_size(fcn, input_size)
+
+
+def _input_size(model: nn.Module, input_size: Optional[InputSize]) -> Tuple[int, int, int]:
+    try:
+        return resolve_input_size(model, input_size)
+    except FcnifyError as err:
+        raise ExportError(str(err)) from err
 
 
 def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dynamic_batch: bool,
             traced_size: Optional[Tuple[int, int]] = None):
     c, h, w = size
     traced_size = traced_size or second_size((h, w))
-    example = example_input(fcn, (c, *traced_size), batch=2 if dynamic_batch else 1)
+    example = example_input(fcn, (c, *traced_size), batch_size=2 if dynamic_batch else 1)
     # Dim.DYNAMIC rather than named Dims: a named Dim turns any guard torch.export cannot express
     # as a range (ceil-mode pools in GoogLeNet) into an error; the names are set by _name_dims.
     dims = {2: Dim.DYNAMIC(min=h), 3: Dim.DYNAMIC(min=w)}
     if dynamic_batch:
         dims[0] = Dim.DYNAMIC(min=1)
-    count = len(getattr(fcn.conversion_report, "probe_output_shapes", [()]))
+    count = len(fcn.conversion_report.probe_output_shapes)
     names = ["scores"] if count == 1 else [f"scores_{i}" for i in range(count)]
     module = exportable(fcn)  # the user's model is left as it is
     with eval_mode(fcn), torch.no_grad():
@@ -365,7 +346,7 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
                 f"torch.onnx.export could not export {type(fcn).__name__} (example input "
                 f"{'x'.join(map(str, example.shape))}, dynamic batch, height and width): {_root_cause(err)}. "
                 "Hint: check that the converted model runs at larger sizes; try another opset= or "
-                "save a .pt2 with fcnify._save.save instead."
+                "save a .pt2 with fcnify.save instead."
             ) from err
 
 
@@ -466,7 +447,7 @@ def _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol) -> OnnxExpor
         if len(report.checks) == wanted:
             break
         batch = 2 if dynamic_batch and i == 0 else 1
-        x = example_input(fcn, (c, sh, sw), batch=batch, seed=i)
+        x = example_input(fcn, (c, sh, sw), batch_size=batch, seed=i)
         try:
             with eval_mode(fcn), torch.no_grad():
                 # nn.Module.__call__, not fcn(x): a GraphModule that fails prints its traceback to
@@ -508,19 +489,17 @@ def _compare(session, path: str, x: torch.Tensor, refs: List[Any], rtol: float) 
     if len(outs) != len(refs):
         raise ExportError(f"{path} returns {len(outs)} outputs where PyTorch returns {len(refs)} (input {where}). "
                           "Hint: return tensors only from the model.")
-    error, scale = 0.0, 1.0
+    pairs = []
     for out, ref in zip(outs, refs):
-        ref = ref.detach().cpu().double()
-        out = torch.from_numpy(out).double()
-        if tuple(out.shape) != tuple(ref.shape):
+        result = torch.from_numpy(out)
+        if tuple(result.shape) != tuple(ref.shape):
             raise _at_size(ExportError(
-                f"ONNX Runtime gives shape {tuple(out.shape)} where PyTorch gives {tuple(ref.shape)} at input "
+                f"ONNX Runtime gives shape {tuple(result.shape)} where PyTorch gives {tuple(ref.shape)} at input "
                 f"{where} ({path}). Hint: a size was frozen at export time; export an fcnify conversion."
             ), size)
-        if ref.numel():
-            scale = max(scale, ref.abs().max().item())
-            error = max(error, (out - ref).abs().max().item())
-    return SizeCheck(size, x.shape[0], [tuple(r.shape) for r in refs], error, rtol * scale)
+        pairs.append((ref, result))
+    c = compare(pairs, rtol)
+    return SizeCheck(size, x.shape[0], [tuple(r.shape) for r in refs], c.max_abs_error, c.tolerance)
 
 
 def _at_size(err: ExportError, size: Tuple[int, int]) -> ExportError:

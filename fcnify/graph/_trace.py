@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._errors import FcnifyError, TraceError
+from .._errors import FcnifyError, TraceError
 
-__all__ = ["trace", "record_shapes", "ShapeRun", "eval_mode", "describe_node", "second_size"]
+__all__ = ["trace_model", "record_shapes", "ShapeRun", "eval_mode", "describe_node", "second_size"]
 
 
 def _tracer_options() -> Dict[str, Any]:
@@ -78,7 +78,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace_model(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace a private eval-mode copy of ``model``.
 
     The user's model is never touched: the copy is made first, and tracing in
@@ -179,8 +179,8 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def record_shapes(gm: fx.GraphModule, x: torch.Tensor) -> ShapeRun:
-    """Run ``gm`` on ``x`` and record each node's output shape (ShapeProp-style).
+def record_shapes(gm: fx.GraphModule, image: torch.Tensor) -> ShapeRun:
+    """Run ``gm`` on ``image`` and record each node's output shape (ShapeProp-style).
 
     A run that fails keeps the shapes up to the failing node and names it, so a
     second run at another size can point at the node tied to the first size.
@@ -189,7 +189,7 @@ def record_shapes(gm: fx.GraphModule, x: torch.Tensor) -> ShapeRun:
     recorder.current = None
     with torch.no_grad():
         try:
-            recorder.run(x)
+            recorder.run(image)
         except Exception as err:
             return ShapeRun(recorder.shapes, recorder.current, err)
     return ShapeRun(recorder.shapes, None, None)

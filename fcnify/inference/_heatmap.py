@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import FcnifyError
-from .geometry import Geometry, geometry
-from .tiled import open_image, predict_tiled
+from .._errors import FcnifyError
+from ..analysis import Geometry, geometry
+from ..conversion import FullyConvolutionalNet
+from ..graph import device_and_dtype
+from ._tiled import open_image, predict_tiled
 
 __all__ = ["heatmap", "HeatmapResult", "render_heatmap", "resolve_normalization", "class_names"]
 
@@ -178,6 +180,7 @@ def heatmap(
     names: Optional[Sequence[str]] = None,
     tile: Optional[Sequence[int]] = None,
     progress: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> HeatmapResult:
     """Per-class probability maps of ``image``, placed on its pixels.
 
@@ -193,6 +196,7 @@ def heatmap(
         names: class names; default ImageNet's for 1000 classes.
         tile: run tile by tile with this tile size; default: automatic above 2048 x 2048.
         progress: show a progress bar when tiling.
+        device: where to run (``"cuda"``); default: the model's device.
 
     Returns:
         A :class:`HeatmapResult`; ``.maps`` is ``(len(classes), H, W)``.
@@ -222,8 +226,8 @@ def heatmap(
         std = torch.tensor(stats[1], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
-    report = getattr(fcn, "conversion_report", None)
-    geo = geometry(fcn, input_size=report.input_size if report is not None else (height, width))
+    at = fcn.fcnify_input_size if isinstance(fcn, FullyConvolutionalNet) else (height, width)
+    geo = geometry(fcn, input_size=at)
     geo.output_size(height, width)  # a clear error for images that are too small
     big = height * width > TILED_ABOVE or tile is not None
     if big and geo.global_context:
@@ -234,12 +238,11 @@ def heatmap(
         )
     if big and not geo.global_context:
         size = tile or tuple(max(1024, r + 2 * s) for r, s in zip(geo.receptive_field, geo.stride))
-        logits = predict_tiled(fcn, array, tile=size, progress=progress, preprocess=preprocess)
+        logits = predict_tiled(fcn, array, tile=size, device=device, progress=progress, preprocess=preprocess)
     else:
         x = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)[None].float() / scale
-        param = next(iter(fcn.parameters()), None)
-        if param is not None:
-            x = x.to(device=param.device, dtype=param.dtype)
+        own_device, dtype = device_and_dtype(fcn)
+        x = x.to(device=torch.device(device) if device is not None else own_device, dtype=dtype)
         with torch.no_grad():
             logits = fcn(preprocess(x)).cpu()
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:

@@ -8,26 +8,28 @@ centre lies on the original image.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import FcnifyError
-from .geometry import geometry, valid_sizes
+from .._errors import FcnifyError
+from ..analysis import geometry, valid_sizes
+from ..conversion import FullyConvolutionalNet
+from ..graph import InputSize
 
 __all__ = ["predict_padded"]
 
 
 def predict_padded(
-    fcn: nn.Module, x: torch.Tensor, value: float = 0.0, input_size: Optional[Sequence[int]] = None
+    fcn: nn.Module, image: torch.Tensor, value: float = 0.0, input_size: Optional[InputSize] = None
 ) -> torch.Tensor:
-    """Run ``fcn`` on ``x`` padded to the next valid size; keep the cells centred on the image.
+    """Run ``fcn`` on ``image`` padded to the next valid size; keep the cells centred on the image.
 
     Args:
         fcn: a fully convolutional model (from :func:`fcnify.convert`).
-        x: ``(N, C, H, W)`` input of any size at least the network's minimum.
+        image: ``(N, C, H, W)`` input of any size at least the network's minimum.
         value: the padding value (0 is the mean after normalisation).
         input_size: a size ``fcn`` runs at, for the geometry; default its training size.
 
@@ -43,10 +45,10 @@ def predict_padded(
         >>> fcnify.predict_padded(net, torch.randn(1, 1, 70, 64), input_size=(61, 61)).shape
         torch.Size([1, 1, 2, 2])
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
         raise FcnifyError("predict_padded needs an (N, C, H, W) tensor. Hint: add a batch axis with x[None].")
-    height, width = x.shape[2:]
-    if input_size is None and getattr(fcn, "conversion_report", None) is None:
+    height, width = image.shape[2:]
+    if input_size is None and not isinstance(fcn, FullyConvolutionalNet):
         input_size = (height, width)
     geo = geometry(fcn, input_size)
     low = geo.min_input_size
@@ -57,7 +59,7 @@ def predict_padded(
         )
     valid = valid_sizes(fcn, input_size if input_size is not None else None)
     target = valid.next(height, width)
-    padded = F.pad(x, (0, target[1] - width, 0, target[0] - height), value=value)
+    padded = F.pad(image, (0, target[1] - width, 0, target[0] - height), value=value)
     with torch.no_grad():
         out = fcn(padded)
     keep = []

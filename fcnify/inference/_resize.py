@@ -1,7 +1,7 @@
 """``fcnify.resize_head``: move a classifier whose head flattens a feature map to another input size.
 
 A Linear over a flattened ``C x h x w`` map is the convolution with kernel ``W.view(K, C, h, w)``
-(see :class:`fcnify.rules.LinearToConv`). At a new input size the map is ``C x h' x w'``, so the
+(see the rule ``LinearToConv``). At a new input size the map is ``C x h' x w'``, so the
 kernel is resampled to ``h' x w'`` and divided by the area ratio. Identity: for a map ``x``
 upsampled by nearest neighbour by integer factors ``(f, g)``,
 ``<repeat(W, f, g) / (f g), repeat(x, f, g)> == <W, x>``, so the new head gives the original
@@ -18,10 +18,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._convert import resolve_input_size
-from ._errors import FcnifyError, UnsupportedModelError, first_line
-from ._trace import describe_node, record_shapes, trace
-from .verify import example_input
+from .._errors import FcnifyError, UnsupportedModelError, first_line
+from ..graph import (
+    InputSize,
+    describe_node,
+    example_input,
+    parent_name,
+    record_shapes,
+    resolve_input_size,
+    trace_model,
+)
 
 __all__ = ["resize_head", "RESIZE_METHODS"]
 
@@ -37,14 +43,14 @@ _PASS_METHODS = ("flatten", "view", "reshape", "contiguous")
 
 def resize_head(
     model: nn.Module,
-    from_size: Sequence[int],
-    to_size: Sequence[int],
+    input_size: InputSize,
+    new_input_size: InputSize,
     method: str = "interpolate",
 ) -> nn.Module:
-    """A copy of ``model`` for inputs of ``to_size``, its flatten-Linear head resampled.
+    """A copy of ``model`` for inputs of ``new_input_size``, its flatten-Linear head resampled.
 
     The Linear that reads the flattened ``C x h x w`` feature map is viewed as a ``(h, w)``
-    kernel, resampled to the map size ``(h', w')`` at ``to_size`` and rescaled by
+    kernel, resampled to the map size ``(h', w')`` at ``new_input_size`` and rescaled by
     ``(h w) / (h' w')``, so that the new head on an upsampled map gives the old logits
     (exactly for nearest-neighbour upsampling by integer factors with ``method="nearest"``).
     The result warm-starts training at the new size. A model whose head does not depend on the
@@ -53,16 +59,16 @@ def resize_head(
     Args:
         model: a classifier torch.fx can trace, whose head flattens a map into an ``nn.Linear``;
             it is not modified.
-        from_size: the size ``(H, W)`` it was trained at (or an int for square inputs).
-        to_size: the new input size.
+        input_size: the size ``(H, W)`` it was trained at (or an int for square inputs).
+        new_input_size: the new input size.
         method: ``"interpolate"`` (bilinear kernel resampling) or ``"nearest"``.
 
     Returns:
         A deep copy of ``model`` (same class, same training flag) whose Linear has
-        ``C * h' * w'`` inputs; ``fcnify_input_size`` is set to ``to_size``.
+        ``C * h' * w'`` inputs; ``fcnify_input_size`` is set to ``new_input_size``.
 
     Raises:
-        FcnifyError: bad arguments, or the model does not run at ``from_size``.
+        FcnifyError: bad arguments, or the model does not run at ``input_size``.
         UnsupportedModelError: no Linear reads a flattened feature map, or the map reaches it
             through ops other than flatten, reshape and dropout.
 
@@ -79,21 +85,21 @@ def resize_head(
     """
     if method not in RESIZE_METHODS:
         raise FcnifyError(f"unknown method={method!r}. Hint: use one of {', '.join(RESIZE_METHODS)}.")
-    gm = trace(model)
-    size = resolve_input_size(model, from_size, gm)
-    new_size = resolve_input_size(model, to_size, gm)
+    gm = trace_model(model)
+    size = resolve_input_size(model, input_size, gm)
+    new_size = resolve_input_size(model, new_input_size, gm)
     if new_size[0] != size[0]:
         raise FcnifyError(
-            f"from_size {size} and to_size {new_size} have different channels. Hint: give (H, W) sizes."
+            f"input_size {size} and new_input_size {new_size} have different channels. Hint: give (H, W) sizes."
         )
-    run = record_shapes(gm, example_input(gm, size, batch=1))
+    run = record_shapes(gm, example_input(gm, size, batch_size=1))
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(model).__name__} fails on a {'x'.join(map(str, size))} input at "
             f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. "
-            "Hint: from_size must be the size it was trained at."
+            "Hint: input_size must be the size it was trained at."
         ) from run.error
-    run2 = record_shapes(gm, example_input(gm, new_size, batch=1))  # stops at the Linear, past the map
+    run2 = record_shapes(gm, example_input(gm, new_size, batch_size=1))  # stops at the Linear, past the map
     linear, fmap = _flatten_linear(gm, run, model)
     (c, h, w), (c2, h2, w2) = run.shape(fmap)[1:], (run2.shape(fmap) or (0, 0, 0, 0))[1:]
     if (h, w) == (h2, w2):
@@ -102,7 +108,7 @@ def resize_head(
         raise UnsupportedModelError(
             f"the map {describe_node(gm, fmap)} flattened into {describe_node(gm, linear)} is "
             f"{run.shape(fmap)} at {size[1:]} but {run2.shape(fmap)} at {new_size[1:]}. "
-            "Hint: to_size must be large enough for the network's downsampling."
+            "Hint: new_input_size must be large enough for the network's downsampling."
         )
     old = gm.get_submodule(linear.target)
     weight = old.weight.detach().reshape(old.out_features, c, h, w)
@@ -115,7 +121,7 @@ def resize_head(
             new.bias.copy_(old.bias.detach())
     new.train(old.training)
     resized = copy.deepcopy(model)
-    parent, _, name = linear.target.rpartition(".")
+    parent, name = parent_name(linear.target)
     setattr(resized.get_submodule(parent) if parent else resized, name, new)
     resized.fcnify_input_size = new_size[1:]
     return resized

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ._convert import convert
-from ._errors import FcnifyError, UnsupportedModelError
-from ._trace import describe_node, record_shapes
-from .verify import example_input
+from .._errors import FcnifyError, UnsupportedModelError
+from ..analysis import geometry
+from ..conversion import ConversionReport, FullyConvolutionalNet, convert
+from ..graph import InputSize, describe_node, device_and_dtype, example_input, record_shapes
 
 __all__ = ["segmenter", "Segmenter", "bilinear_kernel"]
 
@@ -44,7 +44,7 @@ def bilinear_kernel(stride: int) -> torch.Tensor:
         ``s * j + s - 1`` with weight 1 and fades to 0 at its neighbours' centres.
 
     Example:
-        >>> from fcnify.segment import bilinear_kernel
+        >>> from fcnify.inference import bilinear_kernel
         >>> bilinear_kernel(2)
         tensor([[0.2500, 0.5000, 0.2500],
                 [0.5000, 1.0000, 0.5000],
@@ -111,8 +111,10 @@ class Segmenter(nn.Module):
     """
 
     def __init__(self, backbone: fx.GraphModule, scores: Sequence[nn.Module], upsamplers: Sequence[_Upsample],
-                 skips: Sequence[str], strides: Sequence[int], num_classes: int):
+                 skips: Sequence[str], strides: Sequence[int], num_classes: int,
+                 conversion_report: Optional[ConversionReport] = None):
         super().__init__()
+        self.conversion_report = conversion_report
         self.backbone = backbone
         self.scores = nn.ModuleList(scores)
         self.upsamplers = nn.ModuleList(upsamplers)
@@ -137,7 +139,7 @@ class Segmenter(nn.Module):
 def segmenter(
     model: nn.Module,
     num_classes: Optional[int] = None,
-    input_size: Optional[Sequence[int]] = None,
+    input_size: Optional[InputSize] = None,
     skips: Union[str, Sequence[Union[int, str]]] = "auto",
     upsample: str = "bilinear",
     keep_classifier: bool = False,
@@ -175,8 +177,10 @@ def segmenter(
             a skip asks for.
 
     Example:
-        >>> import torch, torchvision, fcnify
-        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> import torch, fcnify
+        >>> stage = lambda c_in: [torch.nn.Conv2d(c_in, 8, 3, stride=2, padding=1), torch.nn.ReLU()]
+        >>> net = torch.nn.Sequential(*stage(3), *stage(8), *stage(8), *stage(8), *stage(8),
+        ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
         >>> seg = fcnify.segmenter(net, num_classes=3, input_size=(64, 64))
         >>> seg.variant, seg.strides
         ('FCN-8s', [32, 16, 8])
@@ -193,8 +197,8 @@ def segmenter(
     fcn = convert(model, input_size, mode="dense", verify=verify)
     size = fcn.conversion_report.input_size
     main = _single_output(fcn)
-    x = example_input(fcn, size, batch=1)
-    x2 = example_input(fcn, (size[0], size[1] + _PROBE_DELTA, size[2] + _PROBE_DELTA), batch=1)
+    x = example_input(fcn, size, batch_size=1)
+    x2 = example_input(fcn, (size[0], size[1] + _PROBE_DELTA, size[2] + _PROBE_DELTA), batch_size=1)
     run, run2 = record_shapes(fcn, x), record_shapes(fcn, x2)
     stride = _stride(run, run2, main)
     if stride is None:
@@ -228,16 +232,15 @@ def segmenter(
         _Upsample(num_classes, s, _centre(fcn, node, size, s), learnable=upsample == "transposed")
         for node, s in zip(nodes, strides)
     ]
-    seg = Segmenter(backbone, scores, upsamplers, [n.name for n in skip_nodes], strides, num_classes)
-    param = next(iter(fcn.parameters()), None)
-    if param is not None:
-        seg.to(device=param.device, dtype=param.dtype)
-    seg.conversion_report = fcn.conversion_report
+    seg = Segmenter(backbone, scores, upsamplers, [n.name for n in skip_nodes], strides, num_classes,
+                    fcn.conversion_report)
+    device, dtype = device_and_dtype(fcn)
+    seg.to(device=device, dtype=dtype)
     seg.train(model.training)
     return seg
 
 
-def _single_output(fcn: fx.GraphModule) -> fx.Node:
+def _single_output(fcn: FullyConvolutionalNet) -> fx.Node:
     output = next(n for n in fcn.graph.nodes if n.op == "output")
     leaves = [leaf for leaf in pytree.tree_flatten(output.args[0])[0] if isinstance(leaf, fx.Node)]
     if len(leaves) != 1:
@@ -364,10 +367,6 @@ def _centre(fcn: fx.GraphModule, node: fx.Node, size: Tuple[int, int, int], stri
     Without geometry support for this graph, cells are taken as centred in their stride
     (``(s - 1) / 2``, what ``F.interpolate(align_corners=False)`` assumes).
     """
-    try:
-        from .geometry import geometry
-    except ImportError:  # pragma: no cover - geometry is developed alongside
-        return ((stride - 1) / 2,) * 2
     sub = _with_outputs(fcn, [node], share=True)
     try:
         geo = geometry(sub, input_size=size)

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._errors import FcnifyError, UnsupportedModelError
-from .geometry import Geometry, geometry
+from .._errors import FcnifyError, UnsupportedModelError
+from ..analysis import Geometry, geometry
+from ..conversion import FullyConvolutionalNet
+from ..graph import device_and_dtype, eval_mode
 
 __all__ = ["predict_tiled", "plan_tiles", "Tile", "open_image"]
 
@@ -71,7 +73,7 @@ def plan_tiles(geo: Geometry, image_size: Pair, tile: Pair) -> Tuple[List[Tile],
 
     Example:
         >>> import torch, fcnify
-        >>> from fcnify.tiled import plan_tiles
+        >>> from fcnify.inference import plan_tiles
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 5), torch.nn.MaxPool2d(2))
         >>> tiles, size = plan_tiles(fcnify.geometry(net, input_size=(32, 32)), (100, 40), (40, 40))
         >>> size, [(t.y0, t.y1, t.i0, t.i1) for t in tiles]
@@ -205,7 +207,7 @@ def predict_tiled(
     tile: Sequence[int] = (1024, 1024),
     batch_size: int = 1,
     device: Optional[Union[str, torch.device]] = None,
-    progress: bool = True,
+    progress: bool = False,
     preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """``fcn(image)``, computed tile by tile with overlaps from the geometry: the same numbers.
@@ -218,7 +220,7 @@ def predict_tiled(
             stride. Memory grows with the tile, not with the image.
         batch_size: tiles of equal size run together.
         device: where to run (``"cuda"``); default: the model's device. The output is on the CPU.
-        progress: show a tqdm progress bar of tiles done.
+        progress: show a tqdm progress bar of tiles done (the ``fcnify`` commands do).
         preprocess: a per-pixel function applied to each tile (e.g. mean/std normalisation).
 
     Returns:
@@ -239,12 +241,13 @@ def predict_tiled(
     """
     tile = (int(tile[0]), int(tile[1])) if isinstance(tile, (tuple, list)) else (int(tile), int(tile))
     source = _Source(image)
-    param = next(iter(fcn.parameters()), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    own_device, dtype = device_and_dtype(fcn)
+    device = torch.device(device) if device is not None else own_device
     size = source.size
-    report = getattr(fcn, "conversion_report", None)
-    at = report.input_size if report is not None else (source.shape[1], min(tile[0], size[0]), min(tile[1], size[1]))
+    if isinstance(fcn, FullyConvolutionalNet):
+        at = fcn.fcnify_input_size
+    else:
+        at = (source.shape[1], min(tile[0], size[0]), min(tile[1], size[1]))
     geo = geometry(fcn, input_size=at)
     _check_translation_invariant(geo, tile)
     tiles, (h_out, w_out) = plan_tiles(geo, size, tile)
@@ -252,7 +255,7 @@ def predict_tiled(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tiles), unit="tile", desc="fcnify tiles", disable=not progress)
-    with torch.no_grad(), _eval(fcn), contextlib.closing(bar):
+    with torch.no_grad(), eval_mode(fcn), contextlib.closing(bar):
         for group in _groups(tiles, batch_size):
             inputs = []
             for t in group:
@@ -293,14 +296,3 @@ def _groups(tiles: List[Tile], batch_size: int) -> Iterator[List[Tile]]:
         group.append(t)
     if group:
         yield group
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag

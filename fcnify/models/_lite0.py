@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._errors import ModelLoadError
+from .._errors import ModelLoadError
 
 __all__ = ["load_lite0", "LITE0_NAME"]
 

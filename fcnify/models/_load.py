@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ._errors import ModelLoadError, first_line
+from .._errors import ModelLoadError, first_line
 from ._lite0 import LITE0_NAME, load_lite0
 
 __all__ = ["load_model", "load_weights"]

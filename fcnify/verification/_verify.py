@@ -19,16 +19,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ._errors import FcnifyError
-from ._trace import eval_mode
+from .._errors import FcnifyError
+from ..graph import eval_mode
+from ._compare import DEFAULT_RTOL, compare
 
-__all__ = ["verify", "VerificationReport", "OutputCheck", "DEFAULT_RTOL", "example_input"]
+__all__ = ["check_outputs", "VerificationReport", "OutputCheck", "CHECKS"]
 
-#: Tolerance relative to the largest logit (floored at 1): float32 sums over a few
-#: thousand terms in another order differ by ~1e-6; 1e-4 leaves room for depth.
-DEFAULT_RTOL = 1e-4
-
-_CHECKS = ("equal", "mean", "none")
+#: The checks an output can get, from exact to none.
+CHECKS = ("equal", "mean", "none")
 
 
 @dataclasses.dataclass
@@ -85,64 +83,39 @@ class VerificationReport:
         return "\n".join([head] + [f"  {o}" for o in self.outputs])
 
 
-def example_input(model: nn.Module, input_size: Sequence[int], batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """A seeded normal input ``(batch, C, H, W)`` on the model's device and dtype."""
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *input_size, generator=generator).to(device=device, dtype=dtype)
-
-
-def verify(
+def check_outputs(
     original: nn.Module,
     converted: nn.Module,
-    input_size: Sequence[int],
-    mode: str = "window",
-    checks: Optional[Sequence[str]] = None,
+    image: torch.Tensor,
+    checks: Optional[Sequence[str]],
+    mode: str,
     rtol: float = DEFAULT_RTOL,
-    batch: int = 2,
-    seed: int = 0,
 ) -> VerificationReport:
-    """Run both models on the same seeded input at the training size and compare.
+    """Run both models on ``image`` (each in eval mode, restored after) and compare output by output.
 
     Args:
         original: the classifier.
-        converted: the result of :func:`fcnify.convert`.
-        input_size: training size ``(H, W)`` or ``(C, H, W)``, as for :func:`fcnify.convert`.
-        mode: the conversion mode.
-        checks: per output, ``"equal"``, ``"mean"`` or ``"none"``; by default taken from
-            ``converted.conversion_report``, else ``"equal"`` (``"none"`` in dense mode).
-        rtol: tolerance on the max absolute error, relative to ``max(1, max |logit|)``.
+        converted: the converted model.
+        image: the ``(N, C, H, W)`` input, at the training size.
+        checks: per output, ``"equal"``, ``"mean"`` or ``"none"`` (see the module docstring);
+            None: ``"equal"`` for every output (``"none"`` in dense mode).
+        mode: the conversion mode, for the report.
+        rtol: the tolerance of :func:`~fcnify.verification.compare`.
 
-    Returns:
-        A :class:`VerificationReport`; neither model is changed.
-
-    Example:
-        >>> import torch, fcnify
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
-        >>> fcn = fcnify.convert(net, input_size=(8, 8), verify=False)
-        >>> fcnify.verify(net, fcn, (8, 8)).passed
-        True
+    Raises:
+        FcnifyError: the two models return different numbers of outputs.
     """
-    from ._convert import resolve_input_size  # (H, W) as for convert; channels from the model
-
-    input_size = resolve_input_size(original, input_size)
-    x = example_input(original, input_size, batch, seed)
     with torch.no_grad(), eval_mode(original), eval_mode(converted):
-        reference = original(x)
-        result = converted(x)
-    refs, ref_spec = pytree.tree_flatten(reference)
-    outs, out_spec = pytree.tree_flatten(result)
+        reference = original(image)
+        result = converted(image)
+    refs, _ = pytree.tree_flatten(reference)
+    outs, _ = pytree.tree_flatten(result)
     if len(refs) != len(outs):
         raise FcnifyError(f"the converted model returns {len(outs)} outputs where the original returns {len(refs)}")
     if checks is None:
-        report = getattr(converted, "conversion_report", None)
-        checks = report.checks if report is not None else ["none" if mode == "dense" else "equal"] * len(refs)
-    results = []
-    for i, (ref, out, check) in enumerate(zip(refs, outs, checks)):
-        results.append(_compare(i, ref, out, check, rtol))
-    return VerificationReport(mode, input_size, results)
+        checks = ["none" if mode == "dense" else "equal"] * len(refs)
+    results = [_compare(i, ref, out, check, rtol) for i, (ref, out, check) in enumerate(zip(refs, outs, checks))]
+    return VerificationReport(str(mode), tuple(image.shape[1:]), results)
 
 
 def _compare(index: int, ref: Any, out: Any, check: str, rtol: float) -> OutputCheck:
@@ -160,6 +133,5 @@ def _compare(index: int, ref: Any, out: Any, check: str, rtol: float) -> OutputC
     if check == "none" or out_f.shape != ref_f.shape:
         error = 0.0 if check == "none" and out.dim() == ref.dim() + 2 else float("inf")
         return OutputCheck(index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0)
-    scale = max(1.0, ref_f.abs().max().item()) if ref_f.numel() else 1.0
-    error = (out_f - ref_f).abs().max().item() if ref_f.numel() else 0.0
-    return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), error, error / scale, rtol * scale)
+    c = compare([(ref_f, out_f)], rtol)
+    return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), c.max_abs_error, c.max_rel_error, c.tolerance)

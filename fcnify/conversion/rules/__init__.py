@@ -3,12 +3,12 @@
 from .feature_dim import FeatureDimToChannel
 from .flatten import FlattenToIdentity
 from .linear import LinearToConv
-from .norm import BatchNorm1dToBatchNorm2d, ChannelLayerNorm, LayerNormToChannelLayerNorm, layer_norm_channels
+from .norm import BatchNorm1dToBatchNorm2d, LayerNormToChannelLayerNorm
 from .pointwise import PointwiseOnMaps
 from .pool import AdaptivePoolFold, GlobalPoolToWindowPool
 
 __all__ = [
-    "DEFAULT_RULES",
+    "RULES",
     "GlobalPoolToWindowPool",
     "AdaptivePoolFold",
     "FlattenToIdentity",
@@ -17,11 +17,10 @@ __all__ = [
     "LayerNormToChannelLayerNorm",
     "FeatureDimToChannel",
     "PointwiseOnMaps",
-    "ChannelLayerNorm",
-    "layer_norm_channels",
 ]
 
-DEFAULT_RULES = (
+#: The rules, in the order they are tried on every head node (the first that matches rewrites it).
+RULES = (
     GlobalPoolToWindowPool(),
     AdaptivePoolFold(),
     FlattenToIdentity(),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._rewrite import Context
-from ._common import arg, is_call
+from ...graph import arg, is_call
 
 _DIM_FUNCTIONS = {  # function -> (position of dim, default dim)
     F.softmax: (1, None), F.log_softmax: (1, None), torch.softmax: (1, None), torch.log_softmax: (1, None),

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._rewrite import Context, Lifted, is_map_shape
-from ._common import first_input, is_call
+from ...graph import first_input, is_call
 
 _METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
 _FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)

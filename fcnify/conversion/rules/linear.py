@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._rewrite import Context
-from ._common import arg, first_input, is_call
+from ...graph import arg, first_input, is_call
 
 
 def _conv_weight(weight: torch.Tensor, info, kernel) -> torch.Tensor:

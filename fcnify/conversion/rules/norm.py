@@ -9,35 +9,14 @@ layer norm over the channel axis at each position of ``(N, F, H, W)``.
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from .._rewrite import Context
-from ._common import arg, first_input, is_call
-
-
-def layer_norm_channels(
-    x: torch.Tensor,
-    normalized_shape: List[int],
-    weight: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """``F.layer_norm`` over the channel axis of an NCHW map, at every position."""
-    x = x.permute(0, 2, 3, 1)
-    x = F.layer_norm(x, normalized_shape, weight, bias, eps)
-    return x.permute(0, 3, 1, 2)
-
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the channels of an NCHW map (same parameters and state)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_channels(x, self.normalized_shape, self.weight, self.bias, self.eps)
+from .._runtime import ChannelLayerNorm, layer_norm_channels
+from ...graph import arg, first_input, is_call
 
 
 def _on_vector(node: fx.Node, ctx: Context) -> bool:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._rewrite import Context
-from ._common import arg, op_name
+from ...graph import arg, op_name
 
 _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU,

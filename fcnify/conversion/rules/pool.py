@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._rewrite import Context, Lifted, is_map_shape
-from ._common import arg, first_input, is_call, normalize_dims
+from ...graph import arg, first_input, is_call, normalize_dims
 
 _REDUCTIONS = {"mean": "avg", "sum": "sum", "amax": "max"}
 _ADAPTIVE = {F.adaptive_avg_pool2d: "avg", F.adaptive_max_pool2d: "max"}

@@ -1,0 +1,32 @@
+"""Inference: running converted models on real images.
+
+* ``_tiled`` -- :func:`predict_tiled`, any image size tile by tile, exactly;
+* ``_padded`` -- :func:`predict_padded`, any size by padding to the next valid one;
+* ``_heatmap`` -- :func:`heatmap` and :func:`render_heatmap`, class maps on the image's pixels;
+* ``_segment`` -- :func:`segmenter`, FCN-32s/16s/8s segmentation networks;
+* ``_resize`` -- :func:`resize_head`, a flatten-Linear head moved to another input size.
+"""
+
+from ._heatmap import HeatmapResult, class_names, heatmap, render_heatmap, resolve_normalization
+from ._padded import predict_padded
+from ._resize import RESIZE_METHODS, resize_head
+from ._segment import Segmenter, bilinear_kernel, segmenter
+from ._tiled import Tile, open_image, plan_tiles, predict_tiled
+
+__all__ = [
+    "predict_tiled",
+    "plan_tiles",
+    "Tile",
+    "open_image",
+    "predict_padded",
+    "heatmap",
+    "HeatmapResult",
+    "render_heatmap",
+    "resolve_normalization",
+    "class_names",
+    "segmenter",
+    "Segmenter",
+    "bilinear_kernel",
+    "resize_head",
+    "RESIZE_METHODS",
+]

@@ -1,0 +1,15 @@
+"""Verification: one comparison rule with its tolerances, and the per-output checks of a conversion."""
+
+from ._compare import DEFAULT_RTOL, ONNX_RTOL, Comparison, compare
+from ._verify import CHECKS, OutputCheck, VerificationReport, check_outputs
+
+__all__ = [
+    "compare",
+    "Comparison",
+    "DEFAULT_RTOL",
+    "ONNX_RTOL",
+    "check_outputs",
+    "OutputCheck",
+    "VerificationReport",
+    "CHECKS",
+]
