@@ -12,7 +12,13 @@ import torchvision
 from fcnify.cli import main
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def run_cli(*args, env=None, cwd=None):
+    """``python -m fcnify ARGS`` in a fresh interpreter that imports this checkout's fcnify."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     return subprocess.run(
         [sys.executable, "-m", "fcnify", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
     )
@@ -87,12 +93,27 @@ def test_weights_that_do_not_fit_are_one_clear_line(tmp_path, capsys):
         (["convert", "vit_b_16", "--no-save"], "transformer head"),
     ],
 )
-def test_user_mistakes_exit_non_zero_without_traceback(args, message):
-    result = run_cli(*args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("fcnify") and len(result.stderr.strip().splitlines()) <= 3
-    assert message in result.stderr
+def test_user_mistakes_exit_non_zero_without_traceback(args, message, capsys):
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("fcnify") and len(err.strip().splitlines()) <= 3
+    assert message in err
+
+
+def test_a_mistyped_command_is_answered_by_argparse_in_a_fresh_interpreter():
+    result = run_cli("convrt", "resnet18")
+    assert result.returncode == 2
+    assert "invalid choice: 'convrt'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_building_the_command_line_imports_no_torch():
+    """``fcnify --help`` and a typo answer at once: the parser needs neither torch nor timm nor onnx."""
+    script = "import sys, fcnify.cli._main as m; m._parser(); print(sorted({'torch', 'timm', 'onnx'} & set(sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_broken_weights_file(tmp_path, capsys):

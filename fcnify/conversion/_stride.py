@@ -125,7 +125,7 @@ def apply_output_stride(
             if d_in != (1, 1):
                 pad = list(arg(node, 1, "pad"))
                 pad = [p * d_in[1] if i < 2 else p * d_in[0] for i, p in enumerate(pad)]
-                setarg(node, 1, "pad", pad)
+                set_arg(node, 1, "pad", pad)
                 changes.append(f"{node.name}: padding x{d_in[0]}")
             stride[node], factor[node] = s_in, d_in
             continue
@@ -213,9 +213,9 @@ def _rewrite_window(
                 )
             module.stride, module.dilation, module.padding = t, dilation, pad_before
         else:
-            setarg(node, 3, "stride", t)
-            setarg(node, 4, "padding", pad_before)
-            setarg(node, 5, "dilation", dilation)
+            set_arg(node, 3, "stride", t)
+            set_arg(node, 4, "padding", pad_before)
+            set_arg(node, 5, "dilation", dilation)
         return where + f"conv {before} -> {after}", None
     is_max = isinstance(module, nn.MaxPool2d) or node.target in (F.max_pool2d, torch.max_pool2d)
     kernel = op.kernel
