@@ -769,7 +769,7 @@ def test_verification_catches_a_broken_conversion():
 def test_verification_error_is_raised(monkeypatch):
     """A conversion that does not reproduce the model raises VerificationError."""
     model = prepare(Net(nn.Flatten(), nn.Linear(FEAT * MAP * MAP, 5)))
-    from fcnify.conversion.rules import linear
+    from fcnify.conversion.rules import linear_to_conv as linear
 
     original = linear._conv_weight
     monkeypatch.setattr(linear, "_conv_weight", lambda *a: original(*a).flip(-1))

@@ -4,7 +4,7 @@ The body (every node that still leads to a spatial feature map) is copied as it 
 The head (the nodes after the last spatial feature map) is rewritten node by node:
 each head value that was a feature vector ``(N, F)`` is carried as a map
 ``(N, F, H', W')``, one vector per window position, and each op is replaced by the
-op that does the same thing at every position. The rules in :mod:`fcnify.rules`
+op that does the same thing at every position. The rules in :mod:`fcnify.conversion.rules`
 say how, one identity each.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import UnsupportedModelError
-from .._mode import MODES, Mode
+from .._mode import MODES
 from ..graph import ShapeRun, describe_node, fetch_attr, is_adaptive_pool
 
 __all__ = ["Lifted", "Context", "Rewrite", "rewrite_head", "find_head", "MODES"]
@@ -231,17 +231,21 @@ def rewrite_head(gm: fx.GraphModule, run: ShapeRun, run2: ShapeRun, mode: str, r
         if node not in head:
             ctx.env[node] = ctx.copy(node)
             continue
+        declines = []
         for rule in rules:
-            if rule.matches(node, ctx):
-                ctx.env[node] = rule.apply(node, ctx)
+            found = rule.check(node, ctx)
+            if found:
+                ctx.env[node] = rule.rewrite(node, ctx, found)
                 break
+            if found.quoted:
+                declines.append(found)
         else:
-            ctx.env[node] = _default(node, ctx)
+            ctx.env[node] = _default(node, ctx, declines)
     return ctx
 
 
-def _default(node: fx.Node, ctx: Context) -> fx.Node:
-    """No rule matched: fine for values that carry no lifted input; otherwise refuse."""
+def _default(node: fx.Node, ctx: Context, declines: Sequence[Any] = ()) -> fx.Node:
+    """No rule matched: fine for values that carry no lifted input; otherwise refuse, quoting the declines."""
     lifted_inputs = [a for a in node.all_input_nodes if ctx.lifted(a) is not None and ctx.lifted(a).kind != "map"]
     if lifted_inputs:
         shape = ctx.shape(lifted_inputs[0])
@@ -265,10 +269,11 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
                 "do not come from a spatial map",
                 "a transformer has no per-position classifier; run it on crops, or use a CNN classifier",
             )
+        declined = "".join(f"; {d}" for d in declines)
         raise ctx.unsupported(
             node,
             f"no rule knows how to apply it at every position of the feature vector {shape} "
-            f"from node '{lifted_inputs[0].name}'",
+            f"from node '{lifted_inputs[0].name}'{declined}",
             "fcnify converts Linear, pooling, flatten/reshape, normalisation, activation, "
             "dropout, softmax and concatenation in the head; write the head with these, or "
             "convert the body with mode='global' and apply the head yourself",

@@ -9,14 +9,18 @@ Shape queries (``x.size(0)``, ``x.shape[0]``) read the same axes of the map.
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .._rewrite import Context
 from ...graph import arg, is_call
+from .._rewrite import Context, Lifted
+from ._base import Found, Match, Rule
+
+__all__ = ["FeatureDimToChannel"]
 
 _DIM_FUNCTIONS = {  # function -> (position of dim, default dim)
     F.softmax: (1, None), F.log_softmax: (1, None), torch.softmax: (1, None), torch.log_softmax: (1, None),
@@ -32,6 +36,26 @@ def _vector(node, ctx: Context):
     return info if info is not None and info.kind == "vec" else None
 
 
+_NOT_A_VECTOR = "its input is not a feature vector of the head"
+
+
+def _kind(node: fx.Node) -> Optional[str]:
+    """The kind of feature-axis op a function or method call is, or None."""
+    if node.op == "call_function":
+        if node.target is getattr:
+            return "shape" if len(node.args) > 1 and node.args[1] == "shape" else None
+        if node.target is operator.getitem:
+            return "getitem"
+        return "dim" if node.target in _DIM_FUNCTIONS else None
+    if node.op == "call_method":
+        if node.target == "size":
+            return "size"
+        if node.target in _REDUCE:
+            return "reduce"
+        return "dim" if node.target in _DIM_METHODS else None
+    return None
+
+
 def _channel_dim(dim, node: fx.Node, ctx: Context) -> int:
     if dim in (1, -1):
         return 1
@@ -42,42 +66,54 @@ def _channel_dim(dim, node: fx.Node, ctx: Context) -> int:
     )
 
 
-class FeatureDimToChannel:
-    name = "FeatureDimToChannel"
+class FeatureDim(Match):
+    """Which kind of feature-axis op the node is (``module``, ``cat``, ``getitem``, ``shape``, ``size``,
+    ``reduce`` or ``dim``), and the lifted vector it reads (None for ``cat``)."""
 
-    def matches(self, node: fx.Node, ctx: Context) -> bool:
+    def __init__(self, kind: str, info: Optional[Lifted] = None):
+        self.kind, self.info = kind, info
+
+
+class FeatureDimToChannel(Rule):
+    def check(self, node: fx.Node, ctx: Context) -> Found:
         if node.op == "call_module":
-            return isinstance(ctx.module(node), (nn.Softmax, nn.LogSoftmax)) and _vector(node.args[0], ctx) is not None
+            if not isinstance(ctx.module(node), (nn.Softmax, nn.LogSoftmax)):
+                return self.skip(node)
+            info = _vector(node.args[0], ctx)
+            return FeatureDim("module", info) if info is not None else self.decline(node, _NOT_A_VECTOR)
         if is_call(node, tuple(_CAT)):
             tensors = arg(node, 0, "tensors")
-            return isinstance(tensors, (list, tuple)) and any(_vector(t, ctx) is not None for t in tensors)
-        if not node.args or _vector(node.args[0], ctx) is None:
-            return False
-        if node.op == "call_function":
-            if node.target is getattr:
-                return node.args[1] == "shape"
-            return node.target in _DIM_FUNCTIONS or node.target is operator.getitem
-        return node.op == "call_method" and (node.target in _DIM_METHODS or node.target in _REDUCE or node.target == "size")
+            if isinstance(tensors, (list, tuple)) and any(_vector(t, ctx) is not None for t in tensors):
+                return FeatureDim("cat")
+            return self.skip(node)
+        kind = _kind(node)
+        if kind is None:
+            return self.skip(node)
+        info = _vector(node.args[0], ctx) if node.args else None
+        if info is None:
+            return self.decline(node, _NOT_A_VECTOR)
+        return FeatureDim(kind, info)
 
-    def apply(self, node: fx.Node, ctx: Context) -> fx.Node:
-        if node.op == "call_module":
+    def rewrite(self, node: fx.Node, ctx: Context, match: Match) -> fx.Node:
+        assert isinstance(match, FeatureDim)
+        info = match.info
+        if match.kind == "module":
             module = ctx.module(node)
             dim = _channel_dim(module.dim, node, ctx)
             replacement = type(module)(dim=dim)
-            ctx.info[node] = ctx.lifted(node.args[0]).derive(affine=False)
+            ctx.info[node] = info.derive(affine=False)
             return ctx.replace_module(node, replacement)
-        if is_call(node, tuple(_CAT)):
+        if match.kind == "cat":
             return self._cat(node, ctx)
-        info = _vector(node.args[0], ctx)
-        if node.target is operator.getitem:
+        if match.kind == "getitem":
             return self._getitem(node, info, ctx)
-        if node.target is getattr:  # x.shape of (N, F) is the first two axes of the map
+        if match.kind == "shape":  # x.shape of (N, F) is the first two axes of the map
             return ctx.call(operator.getitem, ctx.call(getattr, ctx.env[node.args[0]], "shape"), slice(None, 2))
-        if node.op == "call_method" and node.target == "size":
+        if match.kind == "size":
             dim = arg(node, 1, "dim")
             new_dim = dim if dim is None or dim in (0, 1) else {-1: 1, -2: 0}.get(dim, dim)
             return ctx.method("size", ctx.env[node.args[0]], *(() if new_dim is None else (new_dim,)))
-        if node.op == "call_method" and node.target in _REDUCE:
+        if match.kind == "reduce":
             return self._reduce(node, info, ctx)
         position, default = _DIM_FUNCTIONS.get(node.target, (_DIM_METHODS.get(node.target), None))
         dim = _channel_dim(arg(node, position, "dim", default), node, ctx)

@@ -2,7 +2,7 @@
 
 Identity: ``flatten(x[C, h, w])[c*h*w + i*w + j] == x[c, i, j]``, so a head that reads the
 flattened vector can read the map itself, as long as the next Linear is turned into a
-``(h, w)`` convolution (see :mod:`fcnify.rules.linear`). Every spelling of a flatten
+``(h, w)`` convolution (see :mod:`.linear_to_conv`). Every spelling of a flatten
 is recognised by its shapes at the training size: ``torch.flatten``, ``nn.Flatten``,
 ``.flatten(1)``, ``.view(N, -1)``, ``.view(-1, C*h*w)``, ``.reshape(...)``,
 ``.squeeze(-1).squeeze(-1)``; and the way back, ``.view(N, F, 1, 1)``.
@@ -17,8 +17,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._rewrite import Context, Lifted, is_map_shape
 from ...graph import first_input, is_call
+from .._rewrite import Context, Lifted, is_map_shape
+from ._base import Found, Match, Rule
+
+__all__ = ["FlattenToIdentity"]
 
 _METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
 _FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
@@ -30,14 +33,25 @@ def is_reshape(node: fx.Node, ctx: Context) -> bool:
     return is_call(node, _FUNCTIONS, _METHODS)
 
 
-class FlattenToIdentity:
-    name = "FlattenToIdentity"
+class Reshape(Match):
+    """A reshape of ``src``, whose shape at the training size is known."""
 
-    def matches(self, node: fx.Node, ctx: Context) -> bool:
-        return is_reshape(node, ctx) and first_input(node) is not None and ctx.shape(first_input(node)) is not None
+    def __init__(self, src: fx.Node):
+        self.src = src
 
-    def apply(self, node: fx.Node, ctx: Context) -> fx.Node:
+
+class FlattenToIdentity(Rule):
+    def check(self, node: fx.Node, ctx: Context) -> Found:
+        if not is_reshape(node, ctx):
+            return self.skip(node)
         src = first_input(node)
+        if src is None or ctx.shape(src) is None:
+            return self.decline(node, "it reshapes a value whose shape is not recorded")
+        return Reshape(src)
+
+    def rewrite(self, node: fx.Node, ctx: Context, match: Match) -> fx.Node:
+        assert isinstance(match, Reshape)
+        src = match.src
         before, after = ctx.shape(src), ctx.shape(node)
         info = ctx.lifted(src)
         if after is None or after[0] != before[0] or math.prod(after) != math.prod(before):
@@ -115,8 +129,8 @@ class FlattenToIdentity:
         )
         ctx.info[node] = lifted
         if len(after) == 2:
-            ctx.record(
-                self.name, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)"
+            self.record(
+                ctx, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)"
             )
         return value
 
@@ -133,6 +147,6 @@ class FlattenToIdentity:
         height = ctx.call(operator.floordiv, h, info.stacked)
         value = ctx.method("reshape", value, n, before[1] * info.stacked, height, w)
         ctx.info[node] = Lifted(kind="vec", channels=before[1] * info.stacked, pools=info.pools, affine=info.affine)
-        ctx.record(self.name, node, f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})",
+        self.record(ctx, node, f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})",
                    "pooled positions moved into channels")
         return value

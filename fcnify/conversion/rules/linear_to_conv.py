@@ -14,8 +14,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .._rewrite import Context
 from ...graph import arg, first_input, is_call
+from .._rewrite import Context, Lifted
+from ._base import Found, Match, Rule
+
+__all__ = ["LinearToConv"]
 
 
 def _conv_weight(weight: torch.Tensor, info, kernel) -> torch.Tensor:
@@ -25,21 +28,31 @@ def _conv_weight(weight: torch.Tensor, info, kernel) -> torch.Tensor:
     return weight.reshape(k, info.channels, *kernel)
 
 
-class LinearToConv:
-    name = "LinearToConv"
+class OnVector(Match):
+    """A Linear on the feature vector ``src``, carried as described by ``info``."""
 
-    def matches(self, node: fx.Node, ctx: Context) -> bool:
-        src = first_input(node)
-        info = ctx.lifted(src)
-        if info is None or info.kind != "vec":
-            return False
+    def __init__(self, src: fx.Node, info: Lifted):
+        self.src, self.info = src, info
+
+
+class LinearToConv(Rule):
+    def check(self, node: fx.Node, ctx: Context) -> Found:
         if node.op == "call_module":
-            return isinstance(ctx.module(node), nn.Linear)
-        return is_call(node, (F.linear, torch._C._nn.linear))
-
-    def apply(self, node: fx.Node, ctx: Context) -> fx.Node:
+            linear = isinstance(ctx.module(node), nn.Linear)
+        else:
+            linear = is_call(node, (F.linear, torch._C._nn.linear))
+        if not linear:
+            return self.skip(node)
         src = first_input(node)
         info = ctx.lifted(src)
+        if src is None or info is None or info.kind != "vec":
+            what = "a value of the body" if info is None else f"a head value carried as {info.kind!r}"
+            return self.decline(node, f"its input is {what}, not a feature vector")
+        return OnVector(src, info)
+
+    def rewrite(self, node: fx.Node, ctx: Context, match: Match) -> fx.Node:
+        assert isinstance(match, OnVector)
+        src, info = match.src, match.info
         kernel = info.kernel
         features = ctx.shape(src)[1]
         out = ctx.shape(node)[1]
@@ -73,6 +86,6 @@ class LinearToConv:
             weight = ctx.method("reshape", weight, out, info.channels, kernel[0], kernel[1])
             value = ctx.call(F.conv2d, ctx.env[src], weight, bias)
             after = f"conv2d(weight viewed as {out}x{info.channels}x{kernel[0]}x{kernel[1]})"
-        ctx.record(self.name, node, f"Linear({features} -> {out})", after)
+        self.record(ctx, node, f"Linear({features} -> {out})", after)
         ctx.info[node] = info.derive(kind="vec", channels=out, kernel=(1, 1), fold=None)
         return value

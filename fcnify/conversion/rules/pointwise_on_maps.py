@@ -15,8 +15,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .._rewrite import Context
 from ...graph import arg, op_name
+from .._rewrite import Context
+from ._base import Found, Match, Rule
+
+__all__ = ["PointwiseOnMaps"]
 
 _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU,
@@ -72,14 +75,23 @@ def _kind(node: fx.Node, ctx: Context) -> str:
     return ""
 
 
-class PointwiseOnMaps:
-    name = "PointwiseOnMaps"
+class Elementwise(Match):
+    """An element-wise op of kind ``identity``, ``neg``, ``unary`` or ``binary``."""
 
-    def matches(self, node: fx.Node, ctx: Context) -> bool:
-        return bool(_kind(node, ctx)) and any(ctx.lifted(a) is not None for a in node.all_input_nodes)
+    def __init__(self, kind: str):
+        self.kind = kind
 
-    def apply(self, node: fx.Node, ctx: Context) -> fx.Node:
+
+class PointwiseOnMaps(Rule):
+    def check(self, node: fx.Node, ctx: Context) -> Found:
         kind = _kind(node, ctx)
+        if not kind or not any(ctx.lifted(a) is not None for a in node.all_input_nodes):
+            return self.skip(node)  # not element-wise, or on values that are not lifted (copied as they are)
+        return Elementwise(kind)
+
+    def rewrite(self, node: fx.Node, ctx: Context, match: Match) -> fx.Node:
+        assert isinstance(match, Elementwise)
+        kind = match.kind
         lifted = [ctx.lifted(a) for a in node.all_input_nodes if ctx.lifted(a) is not None]
         first = lifted[0]
         if any(i.kind != first.kind for i in lifted):
