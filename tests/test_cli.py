@@ -11,7 +11,6 @@ import torchvision
 
 from fcnify.cli import main
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,8 +12,6 @@ from torch import nn
 
 import fcnify
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,7 +8,6 @@ from torch import nn
 import fcnify
 from fcnify.cli import main
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -21,8 +21,8 @@ import torchvision
 from torch import nn
 
 import fcnify
-from fcnify.models import calibrate_batchnorm
 from fcnify.cli import main
+from fcnify.models import calibrate_batchnorm
 
 pytestmark = pytest.mark.onnx
 
@@ -192,7 +192,7 @@ def test_a_mismatch_at_some_sizes_only_is_explained():
 def test_swin_exports_right_at_its_training_size_too(version, tmp_path):
     """torchvision's Swin skips its window shift when one window covers the map (the last stage
     at the training size) and shifts at larger sizes: one exported graph must do both."""
-    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
     extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if version == 2 else {}
     torch.manual_seed(0)
@@ -331,7 +331,7 @@ def test_mobilenetv5_msfa_exports_right_at_its_training_size_too(tmp_path, one_t
     assert report.passed and report.max_abs_error < 1e-5 and report.traced_size is None
     assert assert_matches_at(fcn, path, (96, 72)) > 0.1  # 48x36: pooled by 8 and 6
     assert type(fcn.get_submodule("msfa")).__name__ == "MobileNetV5MultiScaleFusionAdapter"  # the user's model is untouched
-    from fcnify.export._exportable import exportable, MultiScaleFusion
+    from fcnify.export._exportable import MultiScaleFusion, exportable
 
     assert type(exportable(fcn).get_submodule("msfa")) is MultiScaleFusion
 
@@ -340,6 +340,7 @@ def test_mobilenetv5_msfa_exports_right_at_its_training_size_too(tmp_path, one_t
 def test_the_exportable_msfa_equals_timms(size):
     """Equal maps: the identity; multiples: the pool; else (odd, smaller): the bilinear resize."""
     from timm.models.mobilenetv5 import MobileNetV5MultiScaleFusionAdapter
+
     from fcnify.export._exportable import MultiScaleFusion
 
     torch.manual_seed(0)

@@ -83,7 +83,7 @@ class Classifier(nn.Module):
 def build(spec: Spec) -> nn.Module:
     torch.manual_seed(spec.seed)
     layers, channels = [], CHANNELS
-    for i, (kernel, width, pool) in enumerate(spec.convs):
+    for kernel, width, pool in spec.convs:
         layers += [nn.Conv2d(channels, width, kernel), nn.ReLU()]
         if pool:
             layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))

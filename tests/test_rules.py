@@ -494,7 +494,7 @@ def test_feature_axis_ops_and_multiple_outputs(combine):
         assert out.keys() == ref.keys()
     outs = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
     for i, o in enumerate(outs):
-        expected = crops(lambda t: _nth(model(t), i), x)
+        expected = crops(lambda t, i=i: _nth(model(t), i), x)
         assert_close(o, expected)
 
 

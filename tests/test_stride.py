@@ -13,7 +13,6 @@ from torch import nn
 import fcnify
 from fcnify.conversion._runtime import dilated_avg_pool2d
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

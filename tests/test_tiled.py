@@ -8,7 +8,6 @@ from torch import nn
 import fcnify
 from fcnify.inference import plan_tiles
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -146,9 +146,9 @@ def test_every_timm_family_has_a_representative():
 # -- the closest peer's failures: timm's TestTimePoolHead -------------------------------------
 
 def _test_time_pool(model):
-    from timm.layers import TestTimePoolHead
-
     import copy
+
+    from timm.layers import TestTimePoolHead
 
     return TestTimePoolHead(copy.deepcopy(model), original_pool=model.pretrained_cfg["pool_size"]).eval()
 
@@ -419,7 +419,7 @@ def _coverage_rows():
 
 def test_coverage_doc_lists_every_torchvision_model_and_every_cnn_is_exact():
     rows = _coverage_rows()
-    for name, entry in TORCHVISION_ENTRIES.items():
+    for name in TORCHVISION_ENTRIES:
         assert ("torchvision", name) in rows, f"{name} is missing from docs/coverage.md"
         family, kind, status = rows[("torchvision", name)]
         if kind == "cnn":
@@ -433,7 +433,7 @@ def test_coverage_doc_has_every_timm_family_and_every_cnn_family_is_exact():
     timm_rows = {name: row for (section, name), row in rows.items() if section == "timm"}
     families = {row[0] for row in timm_rows.values()}
     assert set(zoo.timm_families()) <= families
-    for name, (family, kind, status) in timm_rows.items():
+    for name, (_, kind, status) in timm_rows.items():
         if kind == "cnn":
             assert status == "exact", f"{name}: {status}"
         else:

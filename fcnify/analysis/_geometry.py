@@ -286,9 +286,9 @@ def plan_steps(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[Step], 
         else:
             op = None  # type: ignore[assignment]
             if node.op == "call_module":
-                op = _module_op(modules[node.target])
+                op = _module_op(modules[node.target])  # type: ignore[assignment]
             elif node.op == "call_function":
-                op = _function_op(node, run.shape)
+                op = _function_op(node, run.shape)  # type: ignore[assignment]
             if op is not None and axes[node] != (2, 3):
                 raise UnsupportedModelError(
                     f"fcnify.geometry cannot follow {describe_node(fcn, node)}: a convolution or pool on a "

@@ -13,7 +13,6 @@ import os
 from typing import List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from .._errors import ModelLoadError
 
@@ -137,7 +136,7 @@ def run_demo(output_dir: str = "fcnify-demo", verbose: bool = True, figure: Opti
     canvas, pasted = compose_canvas()
     names = class_names(1000)
     classes = []
-    for (name, _, wanted, _, _), (_, photo, _) in zip(PHOTOS, pasted):
+    for (_, _, wanted, _, _), (_, photo, _) in zip(PHOTOS, pasted):
         if wanted is None:  # the class the model gives this photo on its own, measured
             result = heatmap(fcn, photo, top=1)
             wanted = result.classes[0]
@@ -173,13 +172,13 @@ def run_demo(output_dir: str = "fcnify-demo", verbose: bool = True, figure: Opti
 
 def _small_figure(result, path: str) -> str:
     """All maps of ``result`` side by side, at a size fit to commit (a few hundred KB at most)."""
-    from ..inference import render_heatmap
-
     from PIL import Image
+
+    from ..inference import render_heatmap
 
     render_heatmap(result, path, max_side=480)
     with Image.open(path) as picture:
         small = picture.convert("RGB")
-    small = small.resize((small.width * 3 // 4, small.height * 3 // 4), Image.LANCZOS)
+    small = small.resize((small.width * 3 // 4, small.height * 3 // 4), Image.LANCZOS)  # type: ignore[attr-defined]
     small.quantize(colors=128).save(path, optimize=True)  # a palette PNG: small enough to commit
     return path

@@ -516,8 +516,8 @@ def summary(results: Sequence[ZooResult], library: str) -> str:
 
 def coverage_markdown(results: Sequence[ZooResult], command: str = "fcnify zoo") -> str:
     """The coverage table as Markdown, one section per library; an ONNX column when it was run."""
-    import torchvision
     import timm
+    import torchvision
 
     onnx = any(r.onnx is not None for r in results)
     lines = [

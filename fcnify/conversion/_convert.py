@@ -14,8 +14,16 @@ from torch import nn
 
 from .._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
 from .._mode import Mode, as_mode
-from ..graph import InputSize, ShapeRun, describe_node, example_input, record_shapes, resolve_input_size, second_size
-from ..graph import trace_model
+from ..graph import (
+    InputSize,
+    ShapeRun,
+    describe_node,
+    example_input,
+    record_shapes,
+    resolve_input_size,
+    second_size,
+    trace_model,
+)
 from ..verification import DEFAULT_RTOL
 from ._result import ConversionReport, FullyConvolutionalNet
 from ._rewrite import Context, rewrite_head
@@ -287,7 +295,7 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
                     "input size. Hint: the model resizes its features to a fixed size (an interpolate or "
                     "adaptive pool to a constant size); remove it before converting."
                 )
-    return shapes
+    return shapes  # type: ignore[return-value]
 
 
 def _first_frozen(fcn: fx.GraphModule, run1, run2) -> Optional[fx.Node]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch.fx as fx
 from torch import nn
@@ -80,9 +80,11 @@ class FullyConvolutionalNet(fx.GraphModule):
     ``GraphModule`` of the same graph would.
     """
 
+    conversion_report: ConversionReport
+
     def __init__(
         self,
-        root: nn.Module | Dict[str, Any],
+        root: Union[nn.Module, Dict[str, Any]],
         graph: fx.Graph,
         class_name: str = "FullyConvolutionalNet",
         conversion_report: Optional[ConversionReport] = None,

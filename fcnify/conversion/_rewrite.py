@@ -296,7 +296,7 @@ def _flattens_positions(node: fx.Node) -> bool:
     """``x.flatten(2)`` / ``torch.flatten(x, 2)``: a map's positions made the last axis."""
     if node.op == "call_method" and node.target == "flatten" or node.op == "call_function" and node.target is torch.flatten:
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        return start == 2
+        return start == 2  # type: ignore[return-value]
     return False
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -29,6 +29,7 @@ from .._errors import FcnifyError, UnsupportedModelError, VerificationError
 from ..analysis import Global, Merge, Pad, Window, plan_steps, propagate
 from ..graph import arg, describe_node, set_arg
 from ..verification import compare
+from ._result import FullyConvolutionalNet
 from ._runtime import dilated_avg_pool2d
 
 __all__ = ["with_output_stride", "apply_output_stride", "check_output_stride"]
@@ -40,7 +41,9 @@ def _mul(pair: Pair, factor: Pair) -> Pair:
     return (pair[0] * factor[0], pair[1] * factor[1])
 
 
-def with_output_stride(fcn: fx.GraphModule, output_stride: int, x: torch.Tensor, verify: bool, rtol: float) -> fx.GraphModule:
+def with_output_stride(
+    fcn: FullyConvolutionalNet, output_stride: int, x: torch.Tensor, verify: bool, rtol: float
+) -> FullyConvolutionalNet:
     """:func:`apply_output_stride` to a converted model, checked against it on ``x`` (for ``convert``).
 
     Raises:
@@ -61,6 +64,7 @@ def with_output_stride(fcn: fx.GraphModule, output_stride: int, x: torch.Tensor,
                 f"{report.model} should equal the native map; max abs error {error:.2e} > {tol:.1e}. "
                 "Hint: report this model with the layers changed:\n" + "\n".join(f"  {c}" for c in changes)
             )
+    assert isinstance(new, FullyConvolutionalNet)  # a deep copy of fcn
     new.conversion_report = dataclasses.replace(report, output_stride=output_stride, stride_changes=changes)
     return new
 

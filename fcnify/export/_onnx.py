@@ -322,7 +322,7 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
     with eval_mode(fcn), torch.no_grad():
         try:
             # Without this, export specialises on the 1x1 map produced at the training size.
-            with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver(), _rnn_decompositions():
+            with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver(), _rnn_decompositions():  # type: ignore[attr-defined]
                 try:
                     return torch.onnx.export(
                         module, (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
@@ -504,7 +504,7 @@ def _compare(session, path: str, x: torch.Tensor, refs: List[Any], rtol: float) 
 
 def _at_size(err: ExportError, size: Tuple[int, int]) -> ExportError:
     """Mark an error as ONNX Runtime failing at one input size (where PyTorch runs): traced there, it may pass."""
-    err.failed_size = (int(size[0]), int(size[1]))
+    err.failed_size = (int(size[0]), int(size[1]))  # type: ignore[attr-defined]
     return err
 
 

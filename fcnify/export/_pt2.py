@@ -31,7 +31,7 @@ def export_program(fcn: nn.Module, input_size: Optional[InputSize] = None) -> to
     fcn.eval()
     try:
         # Without this, export specialises on the 1x1 map produced at the training size.
-        with fx_config.patch(backed_size_oblivious=True):
+        with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
             return torch.export.export(fcn, (example,), dynamic_shapes=(dims,))
     except Exception as err:
         raise FcnifyError(

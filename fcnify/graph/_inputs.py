@@ -13,7 +13,7 @@ taking what is missing from the model, always in the same order:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx

@@ -37,8 +37,8 @@ def _tracer_options() -> Dict[str, Any]:
     except ImportError:  # pragma: no cover - torchvision is a dependency
         pass
     try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
         import timm.models  # noqa: F401  (registers every model's fx leaves)
+        from timm.layers import get_notrace_functions, get_notrace_modules
 
         leaf_modules += get_notrace_modules()
         autowrap_functions += get_notrace_functions()
@@ -186,7 +186,7 @@ def record_shapes(gm: fx.GraphModule, image: torch.Tensor) -> ShapeRun:
     second run at another size can point at the node tied to the first size.
     """
     recorder = _Recorder(gm)
-    recorder.current = None
+    recorder.current = None  # type: ignore[assignment]
     with torch.no_grad():
         try:
             recorder.run(image)

@@ -11,7 +11,7 @@ logits exactly; for a bilinearly upsampled map it gives them closely.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -123,7 +123,7 @@ def resize_head(
     resized = copy.deepcopy(model)
     parent, name = parent_name(linear.target)
     setattr(resized.get_submodule(parent) if parent else resized, name, new)
-    resized.fcnify_input_size = new_size[1:]
+    resized.fcnify_input_size = new_size[1:]  # type: ignore[assignment]
     return resized
 
 
@@ -143,12 +143,12 @@ def _flatten_linear(gm: fx.GraphModule, run, model: nn.Module) -> Tuple[fx.Node,
             continue
         src: Optional[fx.Node] = node.args[0]
         while isinstance(src, fx.Node) and _passes(gm, src) and len(run.shape(src) or ()) != 4:
-            src = src.args[0]
+            src = src.args[0]  # type: ignore[assignment]
         shape = run.shape(src) if isinstance(src, fx.Node) else None
         if shape and len(shape) == 4 and shape[2] * shape[3] > 1:
             if shape[1] * shape[2] * shape[3] != gm.get_submodule(node.target).in_features:
                 continue
-            return node, src
+            return node, src  # type: ignore[return-value]
     raise UnsupportedModelError(
         f"no nn.Linear in {type(model).__name__} reads a flattened feature map (C x h x w with h * w > 1) "
         "through flatten, reshape or dropout only. Hint: resize_head is for heads like "

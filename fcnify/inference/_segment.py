@@ -133,7 +133,7 @@ class Segmenter(nn.Module):
         for feature, score, upsample in zip(maps, self.scores, self.upsamplers):
             y = upsample(score(feature), size)
             out = y if out is None else out + y
-        return out
+        return out  # type: ignore[return-value]
 
 
 def segmenter(
@@ -267,9 +267,9 @@ def _classifier_input(fcn: fx.GraphModule, main: fx.Node, model: nn.Module) -> f
     node = main
     while isinstance(node, fx.Node):
         if node.op == "call_module" and isinstance(fcn.get_submodule(node.target), nn.Conv2d):
-            return node.args[0]
+            return node.args[0]  # type: ignore[return-value]
         if node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
-            return node.args[0]
+            return node.args[0]  # type: ignore[return-value]
         node = node.args[0] if node.args else None
     raise UnsupportedModelError(
         f"cannot find the last classifier layer of {type(model).__name__}: no convolution leads to its output. "
@@ -374,4 +374,4 @@ def _centre(fcn: fx.GraphModule, node: fx.Node, size: Tuple[int, int, int], stri
         return ((stride - 1) / 2,) * 2
     if tuple(geo.stride) != (stride, stride):
         return ((stride - 1) / 2,) * 2
-    return tuple(float(c) for c in geo.center(0, 0))
+    return tuple(float(c) for c in geo.center(0, 0))  # type: ignore[return-value]

@@ -114,7 +114,7 @@ class _Source:
                     f"a numpy image must be (H, W, C) or (H, W), got shape {image.shape}. Hint: pass one image in HWC order."
                 )
             self.layout = "hwc"
-            self.data = image
+            self.data = image  # type: ignore[assignment]
             self.shape = (1, image.shape[2], image.shape[0], image.shape[1])
         else:
             raise FcnifyError(
@@ -283,7 +283,7 @@ def predict_tiled(
                     out = torch.empty(n, part.shape[1], h_out, w_out, dtype=part.dtype)
                 out[:, :, t.i0:t.i1, t.j0:t.j1] = part[:, :, ti:ti + rows, tj:tj + cols].cpu()
             bar.update(len(group))
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _groups(tiles: List[Tile], batch_size: int) -> Iterator[List[Tile]]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from ...graph import first_input
 from .._rewrite import Context
 from ._base import Found, Match, Rule
 from ._norms import on_vector, per_feature_only
-from ...graph import first_input
 
 __all__ = ["BatchNorm1dToBatchNorm2d"]
 
