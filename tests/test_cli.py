@@ -108,7 +108,9 @@ def test_a_mistyped_command_is_answered_by_argparse_in_a_fresh_interpreter():
 
 def test_building_the_command_line_imports_no_torch():
     """``fcnify --help`` and a typo answer at once: the parser needs neither torch nor timm nor onnx."""
-    script = "import sys, fcnify.cli._main as m; m._parser(); print(sorted({'torch', 'timm', 'onnx'} & set(sys.modules)))"
+    script = (
+        "import sys, fcnify.cli._main as m; m._parser(); print(sorted({'torch', 'timm', 'onnx'} & set(sys.modules)))"
+    )
     env = dict(os.environ, PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -163,7 +165,9 @@ def test_pretrained_timm_weights_come_from_the_local_hub_cache(tmp_path):
 
     model = timm.create_model("resnet18")
     torch.nn.init.constant_(model.fc.bias, 0.25)
-    _fake_hf_cache(tmp_path, model.pretrained_cfg["hf_hub_id"], {k: v.contiguous() for k, v in model.state_dict().items()})
+    _fake_hf_cache(
+        tmp_path, model.pretrained_cfg["hf_hub_id"], {k: v.contiguous() for k, v in model.state_dict().items()}
+    )
     env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
     script = textwrap.dedent(
         """
@@ -189,7 +193,10 @@ def test_pretrained_torchvision_weights_come_from_the_torch_hub_cache(tmp_path):
     checkpoints.mkdir(parents=True)
     torch.save(model.state_dict(), checkpoints / os.path.basename(ResNet18_Weights.DEFAULT.url))
     env = dict(os.environ, TORCH_HOME=str(tmp_path))
-    script = "from fcnify import load_model; m, s = load_model('resnet18', pretrained=True); print(float(m.fc.bias.mean()), s)"
+    script = (
+        "from fcnify import load_model; m, s = load_model('resnet18', pretrained=True); "
+        "print(float(m.fc.bias.mean()), s)"
+    )
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "0.5 (224, 224)"

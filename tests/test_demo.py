@@ -1,6 +1,5 @@
 """``fcnify demo``: the real EfficientNet-Lite0 finds the pasted cat and espresso on the canvas."""
 
-
 import pytest
 
 from fcnify.cli import main

@@ -31,8 +31,14 @@ def test_a_rule_is_named_after_its_class_and_states_its_identity(rule):
 
 def test_the_rules_are_tried_in_one_listed_order():
     assert [r.name for r in RULES] == [
-        "GlobalPoolToWindowPool", "AdaptivePoolFold", "FlattenToIdentity", "LinearToConv",
-        "BatchNorm1dToBatchNorm2d", "LayerNormToChannelLayerNorm", "FeatureDimToChannel", "PointwiseOnMaps",
+        "GlobalPoolToWindowPool",
+        "AdaptivePoolFold",
+        "FlattenToIdentity",
+        "LinearToConv",
+        "BatchNorm1dToBatchNorm2d",
+        "LayerNormToChannelLayerNorm",
+        "FeatureDimToChannel",
+        "PointwiseOnMaps",
     ]
 
 
@@ -44,7 +50,9 @@ def test_check_returns_a_match_or_a_decline_with_a_reason():
     assert isinstance(relu, Decline) and not relu and not relu.quoted  # not a Linear: a quiet decline
     body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(2), nn.Linear(14 * 14, 2))  # a Linear over positions
     gm, ctx = _context(body)
-    linear = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear))
+    linear = next(
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)
+    )
     declined = LinearToConv().check(linear, ctx)
     assert not declined and declined.quoted and "not a feature vector" in declined.reason
     assert str(declined).startswith("LinearToConv: ")
@@ -53,6 +61,10 @@ def test_check_returns_a_match_or_a_decline_with_a_reason():
 def test_rewrite_uses_the_match():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     fcn = fcnify.convert(net, input_size=(16, 16))
-    assert [r.rule for r in fcn.conversion_report.rewrites] == ["GlobalPoolToWindowPool", "FlattenToIdentity", "LinearToConv"]
+    assert [r.rule for r in fcn.conversion_report.rewrites] == [
+        "GlobalPoolToWindowPool",
+        "FlattenToIdentity",
+        "LinearToConv",
+    ]
     assert isinstance(fcn, fx.GraphModule) and isinstance(fcn, fcnify.FullyConvolutionalNet)
     assert isinstance(Match(), Match) and bool(Match())

@@ -214,8 +214,9 @@ def _function_op(node: fx.Node, shapes: Callable[[Any], Any]) -> Optional[Op]:
         padding, _ = _padding(arg(node, 3, "padding", 0), kernel, dilation)
         return Window(kernel, stride, dilation, padding, ceil_mode=ceil_mode)
     if target in _WINDOW_FUNCTIONS:
-        kernel, stride, padding, dilation = (_pair(arg(node, i, n)) for i, n in
-                                             ((1, "kernel_size"), (2, "stride"), (3, "padding"), (4, "dilation")))
+        kernel, stride, padding, dilation = (
+            _pair(arg(node, i, n)) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"), (4, "dilation"))
+        )
         extra = _pair(arg(node, 5, "ceil_extra", 0))
         return Window(kernel, stride, dilation, tuple((p, p + e) for p, e in zip(padding, extra)))  # type: ignore[arg-type]
     if target is operator.getitem and isinstance(node.args[1], tuple) and len(node.args[1]) == 4:
@@ -518,7 +519,8 @@ def geometry(fcn: nn.Module, input_size: Optional[InputSize] = None) -> Geometry
         offset=(ys.start, xs.start),
         map_size=(ys.size, xs.size),
         global_context=any(
-            isinstance(step.op, Global) and step.node.op not in ("placeholder", "get_attr")
+            isinstance(step.op, Global)
+            and step.node.op not in ("placeholder", "get_attr")
             and any(j >= 0 and values[j][0] is not None for j in step.inputs)
             for step in steps
         ),

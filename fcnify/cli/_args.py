@@ -99,7 +99,11 @@ def check_folder(path: str) -> None:
 
 
 def write_onnx(
-    fcn: Any, path: str, input_size: Sequence[int], opset: Optional[int] = None, dynamic_batch: bool = True,
+    fcn: Any,
+    path: str,
+    input_size: Sequence[int],
+    opset: Optional[int] = None,
+    dynamic_batch: bool = True,
     simplify: bool = False,
 ) -> None:
     """Export to ONNX, print the report and how to run the file."""

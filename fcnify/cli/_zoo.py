@@ -7,7 +7,8 @@ Each model is built with random weights, converted in ``window``, ``dense`` and 
 mode from one trace (:func:`fcnify.trace`, then ``Traced.convert`` per mode) and
 verified at its own training size with a batch of one. A model is ``exact`` when every mode
 verifies, ``refused`` when fcnify raises :class:`~fcnify.UnsupportedModelError` or
-:class:`~fcnify.TraceError` (the reason goes into the table), and ``failed`` otherwise. Models are built one at a time and
+:class:`~fcnify.TraceError` (the reason goes into the table), and ``failed`` otherwise. Models are built one at a
+time and
 freed before the next, so the sweep fits in 24 GB with regnet_y_128gf and vit_h_14.
 """
 
@@ -54,20 +55,61 @@ TORCHVISION_NON_CNN = {"vision_transformer": "transformer", "swin_transformer": 
 
 #: timm families (the module defining the model) that are not CNNs: transformer, hybrid or MLP.
 TIMM_NON_CNN = {
-    "beit": "transformer", "byoanet": "hybrid", "cait": "transformer", "coat": "hybrid", "convit": "transformer",
-    "crossvit": "transformer", "csatv2": "hybrid", "davit": "transformer", "deepseek_vit": "transformer",
-    "deit": "transformer", "edgenext": "hybrid", "efficientformer": "hybrid", "efficientformer_v2": "hybrid",
-    "efficientvim": "hybrid", "efficientvit_mit": "hybrid", "efficientvit_msra": "hybrid", "eva": "transformer",
-    "fastvit": "hybrid", "focalnet": "transformer", "gcvit": "transformer", "gemma4_vit": "transformer",
-    "hiera": "transformer", "hieradet_sam2": "transformer", "iformer": "hybrid", "levit": "hybrid",
-    "lowformer": "hybrid", "maxxvit": "hybrid", "metaformer": "hybrid", "mlp_mixer": "mlp", "mobilenetv5": "hybrid", "mobilevit": "hybrid",
-    "mvitv2": "transformer", "naflexvit": "transformer", "nest": "transformer", "nextvit": "hybrid",
-    "pit": "transformer", "pvt_v2": "transformer", "qwen3_vit": "transformer", "sequencer": "mlp",
-    "shvit": "hybrid", "swiftformer": "hybrid", "swin_transformer": "transformer",
-    "swin_transformer_v2": "transformer", "swin_transformer_v2_cr": "transformer", "tiny_vit": "hybrid",
-    "tnt": "transformer", "twins": "transformer", "vision_transformer": "transformer",
-    "vision_transformer_hybrid": "hybrid", "vision_transformer_relpos": "transformer",
-    "vision_transformer_sam": "transformer", "visformer": "hybrid", "vitamin": "hybrid", "volo": "transformer", "xcit": "transformer",
+    "beit": "transformer",
+    "byoanet": "hybrid",
+    "cait": "transformer",
+    "coat": "hybrid",
+    "convit": "transformer",
+    "crossvit": "transformer",
+    "csatv2": "hybrid",
+    "davit": "transformer",
+    "deepseek_vit": "transformer",
+    "deit": "transformer",
+    "edgenext": "hybrid",
+    "efficientformer": "hybrid",
+    "efficientformer_v2": "hybrid",
+    "efficientvim": "hybrid",
+    "efficientvit_mit": "hybrid",
+    "efficientvit_msra": "hybrid",
+    "eva": "transformer",
+    "fastvit": "hybrid",
+    "focalnet": "transformer",
+    "gcvit": "transformer",
+    "gemma4_vit": "transformer",
+    "hiera": "transformer",
+    "hieradet_sam2": "transformer",
+    "iformer": "hybrid",
+    "levit": "hybrid",
+    "lowformer": "hybrid",
+    "maxxvit": "hybrid",
+    "metaformer": "hybrid",
+    "mlp_mixer": "mlp",
+    "mobilenetv5": "hybrid",
+    "mobilevit": "hybrid",
+    "mvitv2": "transformer",
+    "naflexvit": "transformer",
+    "nest": "transformer",
+    "nextvit": "hybrid",
+    "pit": "transformer",
+    "pvt_v2": "transformer",
+    "qwen3_vit": "transformer",
+    "sequencer": "mlp",
+    "shvit": "hybrid",
+    "swiftformer": "hybrid",
+    "swin_transformer": "transformer",
+    "swin_transformer_v2": "transformer",
+    "swin_transformer_v2_cr": "transformer",
+    "tiny_vit": "hybrid",
+    "tnt": "transformer",
+    "twins": "transformer",
+    "vision_transformer": "transformer",
+    "vision_transformer_hybrid": "hybrid",
+    "vision_transformer_relpos": "transformer",
+    "vision_transformer_sam": "transformer",
+    "visformer": "hybrid",
+    "vitamin": "hybrid",
+    "volo": "transformer",
+    "xcit": "transformer",
 }
 
 #: One small model per timm family, plus the variants whose heads differ. Families missing
@@ -245,6 +287,7 @@ class ZooResult:
 
 # -- the model lists --------------------------------------------------------------------------
 
+
 def torchvision_entries() -> List[ZooEntry]:
     """Every classifier in ``torchvision.models.list_models(module=torchvision.models)``."""
     import torchvision
@@ -294,6 +337,7 @@ def select(entries: Iterable[ZooEntry], pattern: Optional[str] = None) -> List[Z
 
 # -- checking one model -----------------------------------------------------------------------
 
+
 def build_model(entry: ZooEntry) -> Tuple[nn.Module, Tuple[int, int]]:
     """The model with random weights and calibrated batch-norm statistics in eval mode, and its training size."""
     from ..models import load_model
@@ -318,7 +362,8 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: U
 
     With ``onnx``, the window-mode conversion (or the first mode that converts) is also exported
     with :func:`fcnify.export_onnx` and validated in ONNX Runtime at three sizes; ``onnx="cnn"`` exports CNNs only (the
-    dynamo exporter can take tens of CPU-minutes on an attention model: DaViT-tiny, 27). Never raises for a model that fails: the
+    dynamo exporter can take tens of CPU-minutes on an attention model: DaViT-tiny, 27). Never raises for a model that
+    fails: the
     error goes into the result.
     """
     from ..conversion import trace
@@ -457,6 +502,7 @@ def _init_worker(threads: Optional[int]) -> None:
 
 # -- the table --------------------------------------------------------------------------------
 
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -510,7 +556,9 @@ def summary(results: Sequence[ZooResult], library: str) -> str:
         )
     tried = [r for r in mine if r.onnx in ("exported", "failed")]
     if tried:
-        text += f"; ONNX: {sum(r.onnx == 'exported' for r in tried)}/{len(tried)} converted models exported and validated"
+        text += (
+            f"; ONNX: {sum(r.onnx == 'exported' for r in tried)}/{len(tried)} converted models exported and validated"
+        )
     return text
 
 
@@ -545,9 +593,15 @@ def coverage_markdown(results: Sequence[ZooResult], command: str = "fcnify zoo")
             "",
         ]
     sections = [
-        _section(library, [f"Generated by `{command}`."], summary(results, library),
-                 [_row(r, onnx) for r in results if r.entry.library == library], onnx)
-        for library in ("torchvision", "timm") if any(r.entry.library == library for r in results)
+        _section(
+            library,
+            [f"Generated by `{command}`."],
+            summary(results, library),
+            [_row(r, onnx) for r in results if r.entry.library == library],
+            onnx,
+        )
+        for library in ("torchvision", "timm")
+        if any(r.entry.library == library for r in results)
     ]
     return "\n".join(lines) + "\n".join(sections)
 
@@ -633,6 +687,7 @@ def _parse_row(row: str, library: str) -> ZooResult:
 
 # -- command line -----------------------------------------------------------------------------
 
+
 def run(args: argparse.Namespace) -> int:
     """Run the sweep the arguments describe; print the summary; exit status 1 if a model failed."""
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -654,12 +709,16 @@ def run(args: argparse.Namespace) -> int:
         kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
-            raise FcnifyError(f"unknown kind(s) {', '.join(unknown) or '(none)'} in --kind {args.kind}. "
-                              f"Hint: --kind {','.join(KINDS)}")
+            raise FcnifyError(
+                f"unknown kind(s) {', '.join(unknown) or '(none)'} in --kind {args.kind}. "
+                f"Hint: --kind {','.join(KINDS)}"
+            )
         entries = [e for e in entries if e.kind in kinds]
     if not entries:
-        raise FcnifyError(f"no model matches --filter {args.filter!r} --kind {args.kind!r}. "
-                          "Hint: the pattern is a glob, e.g. 'resnet*'.")
+        raise FcnifyError(
+            f"no model matches --filter {args.filter!r} --kind {args.kind!r}. "
+            "Hint: the pattern is a glob, e.g. 'resnet*'."
+        )
 
     command = "fcnify zoo" + "".join(f" {a}" for a in _command_args(args))
     some = bool(args.filter or args.kind)  # the rows of these models, not whole sections
@@ -678,8 +737,15 @@ def run(args: argparse.Namespace) -> int:
             with open(args.output, "w") as f:
                 f.write(text)
 
-    results = sweep(entries, modes, progress=not args.no_progress, on_result=report, onnx=args.onnx,
-                    jobs=args.jobs, threads=args.threads)
+    results = sweep(
+        entries,
+        modes,
+        progress=not args.no_progress,
+        on_result=report,
+        onnx=args.onnx,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
     for library in ("torchvision", "timm"):
         if any(r.entry.library == library for r in results):
             print(f"{library}: {summary(results, library)}")

@@ -21,8 +21,10 @@ def add_parser(sub: Any) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument(
-        "-o", "--output", metavar="PATH", help="where to save: .pt2 (torch.export) or .onnx "
-        "(validated in ONNX Runtime); default: ./MODEL-fcn.pt2"
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="where to save: .pt2 (torch.export) or .onnx (validated in ONNX Runtime); default: ./MODEL-fcn.pt2",
     )
     parser.add_argument("--no-save", action="store_true", help="convert and verify only")
 

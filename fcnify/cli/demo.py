@@ -17,7 +17,11 @@ def add_parser(sub: Any) -> None:
         "each class peaks and whether the peak is inside its photo.",
     )
     parser.add_argument(
-        "-o", "--output", metavar="DIR", default="fcnify-demo", help="where to write the pictures (default: ./fcnify-demo/)"
+        "-o",
+        "--output",
+        metavar="DIR",
+        default="fcnify-demo",
+        help="where to write the pictures (default: ./fcnify-demo/)",
     )
 
 

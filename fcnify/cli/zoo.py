@@ -32,23 +32,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``zoo`` options, shared by ``fcnify zoo`` and ``python -m fcnify.cli.zoo``."""
     parser.add_argument("--torchvision", action="store_true", help="sweep torchvision (default: both libraries)")
     parser.add_argument("--timm", action="store_true", help="sweep one model per timm family")
-    parser.add_argument("--filter", metavar="PATTERN", help="glob on model name, library/name or family, e.g. "
-                        "'resnet*'; several, comma-separated: 'swin*,dla*'")
+    parser.add_argument(
+        "--filter",
+        metavar="PATTERN",
+        help="glob on model name, library/name or family, e.g. 'resnet*'; several, comma-separated: 'swin*,dla*'",
+    )
     parser.add_argument("--kind", metavar="KINDS", help="comma-separated kinds to sweep: cnn, transformer, hybrid, mlp")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all three)")
-    parser.add_argument("-o", "--output", metavar="PATH", help="write the Markdown table here (e.g. docs/coverage.md); "
-                        "a sweep of one library (--torchvision or --timm) replaces that library's section of an "
-                        "existing file and keeps the other; a sweep of some models (--filter, --kind) replaces "
-                        "their rows and keeps the others")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="write the Markdown table here (e.g. docs/coverage.md); "
+        "a sweep of one library (--torchvision or --timm) replaces that library's section of an "
+        "existing file and keeps the other; a sweep of some models (--filter, --kind) replaces "
+        "their rows and keeps the others",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="check N models at a time, each in "
-                        "its own process (default 1); combine with --threads so that N x threads <= cores")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (1 is much faster on a "
-                        "machine shared with other jobs: busy cores make multi-threaded kernels stall)")
-    parser.add_argument("--onnx", nargs="?", const="all", choices=("all", "cnn"), help="also export each "
-                        "window-mode conversion to ONNX and validate it in ONNX Runtime at three sizes (an ONNX "
-                        "column in the table); '--onnx cnn' exports the CNNs only (attention models can take tens "
-                        "of CPU-minutes each in the exporter)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="check N models at a time, each in "
+        "its own process (default 1); combine with --threads so that N x threads <= cores",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (1 is much faster on a "
+        "machine shared with other jobs: busy cores make multi-threaded kernels stall)",
+    )
+    parser.add_argument(
+        "--onnx",
+        nargs="?",
+        const="all",
+        choices=("all", "cnn"),
+        help="also export each "
+        "window-mode conversion to ONNX and validate it in ONNX Runtime at three sizes (an ONNX "
+        "column in the table); '--onnx cnn' exports the CNNs only (attention models can take tens "
+        "of CPU-minutes each in the exporter)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -155,7 +155,9 @@ class Traced:
         gm, size = traced.gm, traced.input_size
         ctx = rewrite_head(gm, traced.run, traced.probe_run, mode.value, RULES)
         if not ctx.rewrites:
-            tokens = next((n for n in gm.graph.nodes if n in ctx.head and _is_token_sequence(traced.run.shape(n))), None)
+            tokens = next(
+                (n for n in gm.graph.nodes if n in ctx.head and _is_token_sequence(traced.run.shape(n))), None
+            )
             if tokens is not None:
                 raise UnsupportedModelError(
                     f"cannot convert {type(model).__name__}: its logits come from a sequence of tokens "
@@ -166,7 +168,8 @@ class Traced:
             if traced.probe_run.failed_at is not None:  # the head is not found because the probe run stopped early
                 raise UnsupportedModelError(
                     f"{type(model).__name__} does not run at a {traced.probe_size[0]}x{traced.probe_size[1]} input: "
-                    f"{describe_node(gm, traced.probe_run.failed_at)} fails with: {first_line(traced.probe_run.error)}. "
+                    f"{describe_node(gm, traced.probe_run.failed_at)} "
+                    f"fails with: {first_line(traced.probe_run.error)}. "
                     "Hint: the model is built for one input size (a fixed patch grid, position embedding or "
                     "attention window); build it for dynamic sizes if the library allows it (timm: "
                     "dynamic_img_size=True or strict_img_size=False), then convert."

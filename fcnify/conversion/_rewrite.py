@@ -163,7 +163,9 @@ class Context:
         found: Dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in found:
-                found[node.target] = self.added[node.target] if node.target in self.added else fetch_attr(self.gm, node.target)
+                found[node.target] = (
+                    self.added[node.target] if node.target in self.added else fetch_attr(self.gm, node.target)
+                )
         return found
 
     def record(self, rule: str, node: fx.Node, before: str, after: str) -> None:
@@ -251,8 +253,13 @@ def _default(node: fx.Node, ctx: Context, declines: Sequence[Any] = ()) -> fx.No
         shape = ctx.shape(lifted_inputs[0])
         out = ctx.shape(node) or ()
         info = ctx.lifted(lifted_inputs[0])
-        if info.kind == "flat" and len(out) == 3 and tuple(out[:2]) == tuple(shape[:2]) and _is_linear(node, ctx) \
-                and _flattens_positions(lifted_inputs[0]):
+        if (
+            info.kind == "flat"
+            and len(out) == 3
+            and tuple(out[:2]) == tuple(shape[:2])
+            and _is_linear(node, ctx)
+            and _flattens_positions(lifted_inputs[0])
+        ):
             raise ctx.unsupported(
                 node,
                 f"it applies a Linear across the {shape[2]} positions of each of the {shape[1]} channels "
@@ -294,7 +301,12 @@ def _default(node: fx.Node, ctx: Context, declines: Sequence[Any] = ()) -> fx.No
 
 def _flattens_positions(node: fx.Node) -> bool:
     """``x.flatten(2)`` / ``torch.flatten(x, 2)``: a map's positions made the last axis."""
-    if node.op == "call_method" and node.target == "flatten" or node.op == "call_function" and node.target is torch.flatten:
+    if (
+        node.op == "call_method"
+        and node.target == "flatten"
+        or node.op == "call_function"
+        and node.target is torch.flatten
+    ):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         return start == 2  # type: ignore[return-value]
     return False

@@ -97,8 +97,7 @@ def _first_conv_channels(model: nn.Module, gm: Optional[fx.GraphModule]) -> int:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     raise FcnifyError(
-        f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d. "
-        "Hint: pass input_size=(C, H, W)."
+        f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d. Hint: pass input_size=(C, H, W)."
     )
 
 

@@ -117,7 +117,8 @@ def _optional_inputs(model: nn.Module) -> Optional[Dict[str, Any]]:
     except (TypeError, ValueError):
         return None
     optional = {
-        p.name: None for p in parameters[1:]
+        p.name: None
+        for p in parameters[1:]
         if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     return optional or None

@@ -127,8 +127,6 @@ def resize_head(
     return resized
 
 
-
-
 def _resample(weight: torch.Tensor, size: Tuple[int, int], method: str) -> torch.Tensor:
     if method == "nearest":
         return F.interpolate(weight, size=size, mode="nearest-exact")

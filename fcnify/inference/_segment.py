@@ -110,9 +110,16 @@ class Segmenter(nn.Module):
         conversion_report: the report of the dense conversion.
     """
 
-    def __init__(self, backbone: fx.GraphModule, scores: Sequence[nn.Module], upsamplers: Sequence[_Upsample],
-                 skips: Sequence[str], strides: Sequence[int], num_classes: int,
-                 conversion_report: Optional[ConversionReport] = None):
+    def __init__(
+        self,
+        backbone: fx.GraphModule,
+        scores: Sequence[nn.Module],
+        upsamplers: Sequence[_Upsample],
+        skips: Sequence[str],
+        strides: Sequence[int],
+        num_classes: int,
+        conversion_report: Optional[ConversionReport] = None,
+    ):
         super().__init__()
         self.conversion_report = conversion_report
         self.backbone = backbone
@@ -223,7 +230,7 @@ def segmenter(
     backbone = _with_outputs(fcn, nodes)
     strides = [_stride(run, run2, n) for n in nodes]
     scores: List[nn.Module] = [nn.Identity()] if keep_classifier else []
-    for node in nodes[len(scores):]:
+    for node in nodes[len(scores) :]:
         score = nn.Conv2d(run.shape(node)[1], num_classes, 1)
         nn.init.zeros_(score.weight)
         nn.init.zeros_(score.bias)
@@ -232,8 +239,9 @@ def segmenter(
         _Upsample(num_classes, s, _centre(fcn, node, size, s), learnable=upsample == "transposed")
         for node, s in zip(nodes, strides)
     ]
-    seg = Segmenter(backbone, scores, upsamplers, [n.name for n in skip_nodes], strides, num_classes,
-                    fcn.conversion_report)
+    seg = Segmenter(
+        backbone, scores, upsamplers, [n.name for n in skip_nodes], strides, num_classes, fcn.conversion_report
+    )
     device, dtype = device_and_dtype(fcn)
     seg.to(device=device, dtype=dtype)
     seg.train(model.training)
@@ -311,8 +319,11 @@ def _find_skips(fcn: fx.GraphModule, run, run2, stride: int, skips) -> List[fx.N
         if isinstance(skip, str):
             node = by_name.get(skip)
             if node is None or _stride(run, run2, node) is None:
-                what = "is not in the converted graph" if node is None else (
-                    f"is not an NCHW feature map ({run.shape(node)})")
+                what = (
+                    "is not in the converted graph"
+                    if node is None
+                    else (f"is not an NCHW feature map ({run.shape(node)})")
+                )
                 raise FcnifyError(
                     f"skip node '{skip}' {what}. Hint: stage outputs of this backbone: "
                     f"{_candidates(cuts, maps, run, run2)}."

@@ -132,6 +132,8 @@ def _compare(index: int, ref: Any, out: Any, check: str, rtol: float) -> OutputC
         out_f = out_f[..., 0, 0]
     if check == "none" or out_f.shape != ref_f.shape:
         error = 0.0 if check == "none" and out.dim() == ref.dim() + 2 else float("inf")
-        return OutputCheck(index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0)
+        return OutputCheck(
+            index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0
+        )
     c = compare([(ref_f, out_f)], rtol)
     return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), c.max_abs_error, c.max_rel_error, c.tolerance)

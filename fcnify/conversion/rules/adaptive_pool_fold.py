@@ -51,7 +51,9 @@ class AdaptivePoolFold(Rule):
         src, size, out_size = match.src, match.size, match.out_size
         channels = ctx.shape(src)[1]
         if size == out_size:
-            self.record(ctx, node, f"adaptive pool to {out_size[0]}x{out_size[1]}", "removed (identity at training size)")
+            self.record(
+                ctx, node, f"adaptive pool to {out_size[0]}x{out_size[1]}", "removed (identity at training size)"
+            )
             ctx.info[node] = Lifted(kind="map", channels=channels, axes=(2, 3))
             return ctx.env[src]
         if pool_kind(node, ctx) != "avg":
@@ -92,7 +94,9 @@ class AdaptivePoolFold(Rule):
         n, h, w = (ctx.call(operator.getitem, shape, i) for i in (0, 2, 3))
         value = ctx.method("reshape", value, n, channels, ctx.call(operator.mul, h, outputs), w)
         self.record(
-            ctx, node, f"adaptive avg pool {size[0]}x{size[1]} -> {out_size[0]}x{out_size[1]}",
+            ctx,
+            node,
+            f"adaptive avg pool {size[0]}x{size[1]} -> {out_size[0]}x{out_size[1]}",
             f"depthwise conv2d({size[0]}x{size[1]}) giving the {outputs} pooled positions of every window",
         )
         ctx.info[node] = Lifted(kind="map", channels=channels, kernel=tuple(out_size), axes=(2, 3), stacked=outputs)

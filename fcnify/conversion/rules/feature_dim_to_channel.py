@@ -23,8 +23,12 @@ from ._base import Found, Match, Rule
 __all__ = ["FeatureDimToChannel"]
 
 _DIM_FUNCTIONS = {  # function -> (position of dim, default dim)
-    F.softmax: (1, None), F.log_softmax: (1, None), torch.softmax: (1, None), torch.log_softmax: (1, None),
-    F.normalize: (2, 1), torch.logsumexp: (1, None),
+    F.softmax: (1, None),
+    F.log_softmax: (1, None),
+    torch.softmax: (1, None),
+    torch.log_softmax: (1, None),
+    F.normalize: (2, 1),
+    torch.logsumexp: (1, None),
 }
 _DIM_METHODS = {"softmax": 1, "log_softmax": 1, "logsumexp": 1}
 _REDUCE = ("sum", "mean", "amax", "amin", "norm")
@@ -149,7 +153,8 @@ class FeatureDimToChannel(Rule):
             index = (slice(None), index[1])
         if len(index) != 2 or index[0] != slice(None) or not isinstance(index[1], slice):
             raise ctx.unsupported(
-                node, f"it indexes the feature vector with {node.args[1]!r}",
+                node,
+                f"it indexes the feature vector with {node.args[1]!r}",
                 "only slices of the features, x[:, a:b], have a per-position equivalent",
             )
         ctx.info[node] = info.derive(channels=ctx.shape(node)[1])
@@ -163,7 +168,8 @@ class FeatureDimToChannel(Rule):
         dim = _channel_dim(dim, node, ctx)
         if not keepdim:
             raise ctx.unsupported(
-                node, "it reduces the features without keepdim, leaving no feature axis to place positions on",
+                node,
+                "it reduces the features without keepdim, leaving no feature axis to place positions on",
                 "use keepdim=True",
             )
         kwargs = dict(ctx.new(node.kwargs))

@@ -129,9 +129,7 @@ class FlattenToIdentity(Rule):
         )
         ctx.info[node] = lifted
         if len(after) == 2:
-            self.record(
-                ctx, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)"
-            )
+            self.record(ctx, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)")
         return value
 
     def _unstack(self, node: fx.Node, src: fx.Node, info, ctx: Context) -> fx.Node:
@@ -147,6 +145,7 @@ class FlattenToIdentity(Rule):
         height = ctx.call(operator.floordiv, h, info.stacked)
         value = ctx.method("reshape", value, n, before[1] * info.stacked, height, w)
         ctx.info[node] = Lifted(kind="vec", channels=before[1] * info.stacked, pools=info.pools, affine=info.affine)
-        self.record(ctx, node, f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})",
-                   "pooled positions moved into channels")
+        self.record(
+            ctx, node, f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})", "pooled positions moved into channels"
+        )
         return value

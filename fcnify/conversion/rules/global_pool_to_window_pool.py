@@ -41,8 +41,10 @@ def _global_reduction(node: fx.Node, ctx: Context) -> Union[GlobalPool, str, Non
     out = ctx.shape(node)
     kind = pool_kind(node, ctx)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    reduction = node.op in ("call_method", "call_function") and name in _REDUCTIONS and (
-        node.op == "call_method" or getattr(torch, str(name), None) is node.target
+    reduction = (
+        node.op in ("call_method", "call_function")
+        and name in _REDUCTIONS
+        and (node.op == "call_method" or getattr(torch, str(name), None) is node.target)
     )
     if kind is None and not reduction:
         return None
