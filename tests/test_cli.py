@@ -168,7 +168,7 @@ def test_pretrained_timm_weights_come_from_the_local_hub_cache(tmp_path):
     _fake_hf_cache(
         tmp_path, model.pretrained_cfg["hf_hub_id"], {k: v.contiguous() for k, v in model.state_dict().items()}
     )
-    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
     script = textwrap.dedent(
         """
         from fcnify import load_model
@@ -192,7 +192,7 @@ def test_pretrained_torchvision_weights_come_from_the_torch_hub_cache(tmp_path):
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save(model.state_dict(), checkpoints / os.path.basename(ResNet18_Weights.DEFAULT.url))
-    env = dict(os.environ, TORCH_HOME=str(tmp_path))
+    env = dict(os.environ, TORCH_HOME=str(tmp_path), PYTHONPATH=ROOT)
     script = (
         "from fcnify import load_model; m, s = load_model('resnet18', pretrained=True); "
         "print(float(m.fc.bias.mean()), s)"

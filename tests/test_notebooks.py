@@ -4,6 +4,7 @@ Each notebook is executed in memory with nbclient, from the notebooks/ folder; t
 file is never rewritten. A failing cell fails the test with its number and error.
 """
 
+import os
 import pathlib
 
 import nbclient
@@ -35,7 +36,9 @@ def test_every_notebook_is_tested_and_committed_with_outputs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    root = str(path.parents[1])  # the kernel imports this checkout's fcnify, not an installed one
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     notebook = nbformat.read(path, as_version=4)  # executed in memory: the file stays as committed
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
