@@ -126,7 +126,7 @@ def test_transformer_is_refused_with_a_reason():
 def test_original_model_is_untouched():
     model = _torchvision("resnet18").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fcn = fcnify.convert(model, input_size=224)
+    fcn = fcnify.convert(model, input_size=112)
     assert model.training and all(m.training for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

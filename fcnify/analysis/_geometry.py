@@ -373,7 +373,7 @@ class Geometry:
     ``[y - 0.5, y + 0.5]``, so its centre is ``(y, x)``.
 
     Attributes:
-        input_size: the ``(H, W)`` the geometry was computed at.
+        input_size: the ``(C, H, W)`` the geometry was computed at.
         stride: ``(sy, sx)``, input pixels between neighbouring output cells.
         receptive_field: ``(ry, rx)``, size of the input window one output cell depends on.
         offset: ``(oy, ox)``, top-left pixel of cell ``(0, 0)``'s window (negative when padding
@@ -384,7 +384,7 @@ class Geometry:
             every cell also depends, weakly, on the whole image.
     """
 
-    input_size: Pair
+    input_size: Tuple[int, int, int]
     stride: Pair
     receptive_field: Pair
     offset: Pair
@@ -439,7 +439,7 @@ class Geometry:
         return self._min
 
     def _smallest(self, dim: int) -> int:
-        lo, hi = 1, self.input_size[dim]
+        lo, hi = 1, self.input_size[1 + dim]
         while self._axis(hi, dim) is None:
             hi *= 2
         while lo < hi:  # bisect, then confirm: branches that must agree can break monotony
@@ -464,7 +464,7 @@ class Geometry:
         return (
             f"stride {self.stride[0]}x{self.stride[1]}, receptive field {self.receptive_field[0]}x"
             f"{self.receptive_field[1]}, cell (0, 0) centred at {self.center(0, 0)} "
-            f"(input {self.input_size[0]}x{self.input_size[1]} -> map {self.map_size[0]}x{self.map_size[1]})"
+            f"(input {self.input_size[1]}x{self.input_size[2]} -> map {self.map_size[0]}x{self.map_size[1]})"
         )
 
 
@@ -513,7 +513,7 @@ def geometry(fcn: nn.Module, input_size: Optional[InputSize] = None) -> Geometry
             f"the output of {type(fcn).__name__} is not a spatial map. Hint: convert in window or dense mode."
         )
     return Geometry(
-        input_size=(size[1], size[2]),
+        input_size=size,
         stride=(ys.stride, xs.stride),
         receptive_field=(ys.rf, xs.rf),
         offset=(ys.start, xs.start),

@@ -22,7 +22,7 @@ __all__ = ["ConversionReport", "FullyConvolutionalNet"]
 
 @dataclasses.dataclass
 class ConversionReport:
-    """What :func:`convert` did; attached to the result as ``fcn.conversion_report``.
+    """What :func:`convert` did; the :class:`FullyConvolutionalNet` carries it as ``fcn.conversion_report``.
 
     Attributes:
         model: class name of the original model.

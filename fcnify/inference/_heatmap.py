@@ -260,7 +260,7 @@ def heatmap(
         chosen = values.flatten(1).amax(1).argsort(descending=True)[:top].tolist()
     else:
         chosen = [_class_index(c, all_names) for c in classes]
-    geo_at = dataclasses.replace(geo, input_size=(height, width), map_size=tuple(values.shape[1:]))
+    geo_at = dataclasses.replace(geo, input_size=(geo.input_size[0], height, width), map_size=tuple(values.shape[1:]))
     return HeatmapResult(
         values[chosen], chosen, [all_names[c] for c in chosen], geo_at, (height, width), _display(array), softmax
     )
