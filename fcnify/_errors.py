@@ -6,6 +6,8 @@ Every error says what failed, where (node name, module path, shape) and, after
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 __all__ = [
     "FcnifyError",
     "UnsupportedModelError",
@@ -37,7 +39,14 @@ class ModelLoadError(FcnifyError):
 
 
 class ExportError(FcnifyError):
-    """Exporting to ONNX failed, or the exported file does not reproduce the model at some size."""
+    """Exporting to ONNX failed, or the exported file does not reproduce the model at some size.
+
+    Attributes:
+        failed_size: the ``(H, W)`` at which ONNX Runtime fails or disagrees while PyTorch runs
+            (a size-dependent path: the exporter traces again there), else None.
+    """
+
+    failed_size: Optional[Tuple[int, int]] = None
 
 
 def first_line(err: BaseException) -> str:

@@ -177,7 +177,7 @@ def test_a_mismatch_with_pytorch_is_an_error(tmp_path):
 
 def test_a_mismatch_at_some_sizes_only_is_explained():
     """torchvision's Swin skips its shift when the window covers the map: one path per size."""
-    from fcnify.export._onnx import SizeCheck, _raise_on_mismatch
+    from fcnify.export._onnx_validate import SizeCheck, _raise_on_mismatch
 
     checks = [
         SizeCheck((224, 224), 2, [(2, 10, 1, 1)], 9e-3, 1e-4),
