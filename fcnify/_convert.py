@@ -11,12 +11,14 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
 from ._rewrite import MODES, Context, Rewrite, rewrite_head
-from ._trace import describe_node, eval_mode, record_shapes, second_size, trace
+from ._cells import cell_check, head_module
+from ._trace import ShapeRun, describe_node, eliminate_dead_code, eval_mode, record_shapes, second_size, trace
 from .rules import DEFAULT_RULES
-from .verify import DEFAULT_RTOL, VerificationReport, example_input
+from .verify import OutputCheck, VerificationReport, default_rtol, example_input
 from .verify import verify as _verify
 
 __all__ = ["convert", "ConversionReport", "resolve_input_size", "prepare", "build", "Traced"]
@@ -120,7 +122,7 @@ def convert(
     mode: str = "window",
     output_stride: Optional[int] = None,
     verify: bool = True,
-    rtol: float = DEFAULT_RTOL,
+    rtol: Optional[float] = None,
 ) -> fx.GraphModule:
     """Turn a classifier into a fully convolutional network.
 
@@ -137,7 +139,8 @@ def convert(
             without padding the map equals the classifier on every crop at this stride.
         verify: compare with the original at the training size and raise
             :class:`VerificationError` past tolerance.
-        rtol: verification tolerance relative to the largest logit.
+        rtol: verification tolerance relative to the largest logit; by default by the model's
+            precision (float32 1e-4, float16 1e-2, bfloat16 5e-2).
 
     Returns:
         A ``torch.fx.GraphModule`` taking ``(N, C, H, W)`` for any ``H, W`` at least the
@@ -161,7 +164,9 @@ def convert(
     """
     start = time.perf_counter()
     traced = prepare(model, input_size, modes=(mode,), output_stride=output_stride)
-    fcn = build(model, traced, mode, verify=verify, rtol=rtol)
+    if rtol is None:
+        rtol = default_rtol(model)
+    fcn = build(traced.model, traced, mode, verify=verify, rtol=rtol)
     if output_stride is not None:
         from ._stride import with_output_stride
 
@@ -183,6 +188,8 @@ class Traced:
     run2: Any
     probe: Tuple[int, int]
     x2: torch.Tensor
+    #: the model traced: the user's, or a materialised copy of it when it has lazy modules
+    model: Optional[nn.Module] = None
 
 
 def prepare(
@@ -203,6 +210,7 @@ def prepare(
         raise FcnifyError(
             f"output_stride must be a positive integer, got {output_stride!r}. Hint: output_stride=16, 8, 4, 2 or 1."
         )
+    model = _materialized(model, input_size)
     gm = trace(model)
     size = resolve_input_size(model, input_size, gm)
     x = example_input(gm, size, batch)
@@ -216,13 +224,30 @@ def prepare(
     probe = second_size(size[1:])
     x2 = example_input(gm, (size[0], *probe), batch)
     run2 = record_shapes(gm, x2)
-    return Traced(gm, size, run, run2, probe, x2)
+    return Traced(gm, size, run, run2, probe, x2, model)
 
 
-def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol: float = DEFAULT_RTOL) -> fx.GraphModule:
+def _materialized(model: nn.Module, input_size: Optional[Sequence[int]]) -> nn.Module:
+    """``model``, or a copy whose lazy modules (``nn.LazyLinear``) have their weights.
+
+    The user's model is never run: a first call would change its lazy modules' classes. Tracing
+    and verification use the same copy, so they see the same weights.
+    """
+    if not isinstance(model, nn.Module) or not any(isinstance(m, LazyModuleMixin) for m in model.modules()):
+        return model
+    copy_ = copy.deepcopy(model).eval()
+    size = resolve_input_size(copy_, input_size)
+    with torch.no_grad():
+        copy_(example_input(copy_, size, 1))
+    return copy_.train(model.training)
+
+
+def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol: Optional[float] = None) -> fx.GraphModule:
     """Rewrite ``traced`` in ``mode``, probe it at the larger size and verify it (second half of convert)."""
     start = time.perf_counter()
     gm, size = traced.gm, traced.size
+    if rtol is None:
+        rtol = default_rtol(model)
     ctx = rewrite_head(gm, traced.run, traced.run2, mode, DEFAULT_RULES)
     if not ctx.rewrites:
         tokens = next((n for n in gm.graph.nodes if n in ctx.head and _is_token_sequence(traced.run.shape(n))), None)
@@ -247,12 +272,13 @@ def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol
         )
     fcn = fx.GraphModule(ctx.attributes(), ctx.graph, f"{type(model).__name__}FCN")
     fcn.train(False)
-    fcn.graph.eliminate_dead_code()
+    eliminate_dead_code(fcn)
     fcn.graph.lint()
     fcn.recompile()
     fcn.delete_all_unused_submodules()
     checks = _checks(gm, ctx)
-    probe_shapes = _probe(fcn, traced.x2, mode, size[1:])
+    head_inputs = head_module(gm, ctx.head)[1]
+    probe_shapes, probe_run = _probe(fcn, traced.x2, mode, size[1:], keep=[ctx.env[n] for n in head_inputs])
     report = ConversionReport(type(model).__name__, mode, size, ctx.rewrites, checks, traced.probe, probe_shapes)
     fcn.conversion_report = report
     for attribute in ("pretrained_cfg", "fcnify_input_size"):  # normalisation and size travel with the model
@@ -260,6 +286,9 @@ def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol
             setattr(fcn, attribute, copy.deepcopy(getattr(model, attribute)))
     if verify:
         report.verification = _verify(model, fcn, size, mode, checks=checks, rtol=rtol, batch=traced.x2.shape[0])
+        cells = _probe_cells(gm, ctx, fcn, probe_run, head_inputs, checks, rtol, traced.probe)
+        if cells is not None:
+            report.verification.outputs.append(cells)
         if not report.verification.passed:
             raise VerificationError(
                 f"the converted {type(model).__name__} does not reproduce the original:\n{report.verification}\n"
@@ -300,9 +329,38 @@ def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
     return checks
 
 
-def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, int]) -> List[Tuple[int, ...]]:
-    """Run the converted model at a larger size; a node tied to the training size fails here."""
-    run2 = record_shapes(fcn, x2)
+def _probe_cells(
+    gm: fx.GraphModule, ctx: Context, fcn: fx.GraphModule, run2: ShapeRun, head_inputs: List[fx.Node],
+    checks: List[str], rtol: float, probe: Tuple[int, int],
+) -> Optional[OutputCheck]:
+    """At the probe size, cells of the map against the original head on their windows (see ``_cells``)."""
+    if ctx.mode == "global":
+        return None
+    new_inputs = [ctx.env[n] for n in head_inputs]
+    if any(n not in run2.values for n in new_inputs):
+        return None
+    output = next(n for n in fcn.graph.nodes if n.op == "output")
+    leaves = [run2.values.get(leaf) for leaf in pytree.tree_flatten(output.args[0])[0]]
+    window = ctx.mode == "window" or all(c == "equal" for c in checks)
+    with eval_mode(gm):
+        found = cell_check(gm, ctx.head, ctx.run, [run2.values[n] for n in new_inputs], leaves, window)
+    if found is None:
+        return None
+    error, scale, cells, expected, compared = found
+    detail = f"at {probe[0]}x{probe[1]} ({compared} compared)"
+    return OutputCheck(-1, "cells", cells, expected, error, error / scale, rtol * scale, detail)
+
+
+def _probe(
+    fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, int], keep: Sequence[fx.Node] = ()
+) -> Tuple[List[Tuple[int, ...]], ShapeRun]:
+    """Run the converted model at a larger size; a node tied to the training size fails here.
+
+    Returns the output shapes and the run, which keeps the values of ``keep`` and of the outputs.
+    """
+    output = next(n for n in fcn.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    run2 = record_shapes(fcn, x2, keep=[*keep, *(leaf for leaf in leaves if isinstance(leaf, fx.Node))])
     if run2.failed_at is not None:
         raise UnsupportedModelError(
             f"the converted model fails at a {x2.shape[2]}x{x2.shape[3]} input at "
@@ -310,8 +368,6 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
             "training size (a position embedding, an interpolation to a fixed size, a Linear over "
             "positions); fcnify cannot make it size-independent."
         ) from run2.error
-    output = next(n for n in fcn.graph.nodes if n.op == "output")
-    leaves, _ = pytree.tree_flatten(output.args[0])
     shapes = [run2.shape(leaf) for leaf in leaves if isinstance(leaf, fx.Node)]
     if mode != "global":
         run1 = record_shapes(fcn, x2[:, :, : size[0], : size[1]])
@@ -324,7 +380,7 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
                     "input size. Hint: the model resizes its features to a fixed size (an interpolate or "
                     "adaptive pool to a constant size); remove it before converting."
                 )
-    return shapes
+    return shapes, run2
 
 
 def _first_frozen(fcn: fx.GraphModule, run1, run2) -> Optional[fx.Node]:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import FcnifyError, UnsupportedModelError, VerificationError
-from ._trace import describe_node
+from ._trace import describe_node, eliminate_dead_code, eval_mode
+from .verify import output_scale
 from .geometry import _Global, _Merge, _Pad, _plan, _Window
 
 __all__ = ["with_output_stride", "apply_output_stride", "check_output_stride", "dilated_avg_pool2d"]
@@ -214,7 +215,7 @@ def apply_output_stride(
         changes.append(change)
         if replacement is not None:
             current[node] = replacement
-    new.graph.eliminate_dead_code()
+    eliminate_dead_code(new)
     new.graph.lint()
     new.recompile()
     return new, changes, (native[0] // output_stride, native[1] // output_stride)
@@ -305,7 +306,7 @@ def check_output_stride(
     native: nn.Module, strided: nn.Module, x: torch.Tensor, factor: Pair, rtol: float
 ) -> Tuple[bool, float, float]:
     """Every ``factor``-th cell of the strided map equals the native map: ``(passed, error, tolerance)``."""
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(native), eval_mode(strided):
         ref = native(x)
         out = strided(x)
     refs = ref if isinstance(ref, (list, tuple)) else [ref]
@@ -318,7 +319,7 @@ def check_output_stride(
         sub = o[:, :, :: factor[0], :: factor[1]]
         if sub.shape[2] < h or sub.shape[3] < w:
             return False, float("inf"), 0.0
-        scale = max(1.0, r.abs().max().item())
+        scale = output_scale(r)
         worst = max(worst, (sub[:, :, :h, :w] - r).abs().max().item())
         tol = max(tol, rtol * scale)
     return worst <= tol, worst, tol

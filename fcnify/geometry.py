@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import FcnifyError, UnsupportedModelError, first_line
-from ._trace import describe_node, record_shapes, trace
+from ._trace import describe_node, eval_mode, record_shapes, trace
 
 __all__ = ["Geometry", "geometry", "valid_sizes", "ValidSizes"]
 
@@ -217,7 +217,8 @@ def _plan(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[_Step], int]
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else None
     x = torch.zeros(1, *size, dtype=dtype, device=device)
-    run = record_shapes(fcn, x)
+    with eval_mode(fcn):  # analysis runs the model as inference does, never in train mode
+        run = record_shapes(fcn, x)
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(fcn).__name__} fails on a {'x'.join(map(str, size))} input at "

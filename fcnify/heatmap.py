@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import FcnifyError
+from ._trace import eval_mode
 from .geometry import Geometry, geometry
 from .tiled import open_image, predict_tiled
 
@@ -240,7 +241,7 @@ def heatmap(
         param = next(iter(fcn.parameters()), None)
         if param is not None:
             x = x.to(device=param.device, dtype=param.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(fcn):
             logits = fcn(preprocess(x)).cpu()
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         raise FcnifyError("heatmap needs a map output (N, K, h, w). Hint: convert in window or dense mode.")

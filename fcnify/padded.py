@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import FcnifyError
+from ._trace import eval_mode
 from .geometry import geometry, valid_sizes
 
 __all__ = ["predict_padded"]
@@ -58,7 +59,7 @@ def predict_padded(
     valid = valid_sizes(fcn, input_size if input_size is not None else None)
     target = valid.next(height, width)
     padded = F.pad(x, (0, target[1] - width, 0, target[0] - height), value=value)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(fcn):
         out = fcn(padded)
     keep = []
     for dim, n in enumerate((height, width)):

@@ -23,7 +23,7 @@ from torch import nn
 
 from ._convert import convert
 from ._errors import FcnifyError, UnsupportedModelError
-from ._trace import describe_node, record_shapes
+from ._trace import describe_node, eliminate_dead_code, record_shapes
 from .verify import example_input
 
 __all__ = ["segmenter", "Segmenter", "bilinear_kernel"]
@@ -350,7 +350,7 @@ def _with_outputs(fcn: fx.GraphModule, nodes: Sequence[fx.Node], share: bool = F
     graph.output(tuple(env[n] for n in nodes) if not share else env[nodes[0]])
     root = fcn if share else copy.deepcopy(fcn)
     backbone = fx.GraphModule(root, graph, f"{type(fcn).__name__}Backbone")
-    backbone.graph.eliminate_dead_code()
+    eliminate_dead_code(backbone)
     backbone.graph.lint()
     backbone.recompile()
     if not share:  # deleting would reach into fcn's own modules

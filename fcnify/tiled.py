@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._errors import FcnifyError, UnsupportedModelError
+from ._trace import eval_mode
 from .geometry import Geometry, geometry
 
 __all__ = ["predict_tiled", "plan_tiles", "Tile", "open_image"]
@@ -252,7 +253,7 @@ def predict_tiled(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tiles), unit="tile", desc="fcnify tiles", disable=not progress)
-    with torch.no_grad(), _eval(fcn), contextlib.closing(bar):
+    with torch.no_grad(), eval_mode(fcn), contextlib.closing(bar):
         for group in _groups(tiles, batch_size):
             inputs = []
             for t in group:
@@ -293,14 +294,3 @@ def _groups(tiles: List[Tile], batch_size: int) -> Iterator[List[Tile]]:
         group.append(t)
     if group:
         yield group
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag

@@ -12,21 +12,46 @@ non-linear head, where none exists and the report says so:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ._errors import FcnifyError
 from ._trace import eval_mode
 
-__all__ = ["verify", "VerificationReport", "OutputCheck", "DEFAULT_RTOL", "example_input"]
+__all__ = ["verify", "VerificationReport", "OutputCheck", "DEFAULT_RTOL", "default_rtol", "output_scale", "example_input"]
 
-#: Tolerance relative to the largest logit (floored at 1): float32 sums over a few
-#: thousand terms in another order differ by ~1e-6; 1e-4 leaves room for depth.
+#: Tolerance relative to the output's own scale (its largest magnitude) for float32: sums over
+#: a few thousand terms in another order differ by ~1e-6; 1e-4 leaves room for depth.
 DEFAULT_RTOL = 1e-4
+
+#: The same for other floating-point types, by their precision (float16 keeps 11 bits, bfloat16 8).
+_RTOL_BY_DTYPE = {torch.float64: 1e-8, torch.float32: DEFAULT_RTOL, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+#: Below this the scale of an output is taken as this: an all-zero output must be matched to it.
+_TINY = 1e-30
+
+
+def default_rtol(model: nn.Module) -> float:
+    """The verification tolerance for ``model``'s floating-point type (float32: :data:`DEFAULT_RTOL`)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return _RTOL_BY_DTYPE.get(param.dtype if param is not None else torch.float32, DEFAULT_RTOL)
+
+
+def output_scale(reference: torch.Tensor) -> float:
+    """The scale errors are measured against: the reference's largest magnitude.
+
+    Relative to the output's own scale, not floored at 1: logits of order 1e-3 are checked to
+    1e-7, so that a kernel 1% wrong fails however small the logits are.
+    """
+    if not reference.numel():
+        return _TINY
+    return max(_TINY, reference.detach().abs().max().item())
 
 _CHECKS = ("equal", "mean", "none")
 
@@ -42,6 +67,8 @@ class OutputCheck:
     max_abs_error: float
     max_rel_error: float
     tolerance: float
+    #: for ``cells``: the probe size and how many cells were compared
+    detail: str = ""
 
     @property
     def passed(self) -> bool:
@@ -52,7 +79,15 @@ class OutputCheck:
             "equal": "map == logits",
             "mean": "mean of map == logits",
             "none": "no exact check applies (non-affine head after pooling); shape checked",
+            "cells": "",
         }[self.check]
+        if self.check == "cells":
+            found, expected = "x".join(map(str, self.shape)), "x".join(map(str, self.reference_shape))
+            line = f"cells {self.detail}: {found} map (the body gives {expected}), each == original head on its window"
+            if self.shape != self.reference_shape:
+                return line + "  FAILED (wrong map size)"
+            line += f": max abs error {self.max_abs_error:.2e} (rel {self.max_rel_error:.2e}, tol {self.tolerance:.1e})"
+            return line + ("" if self.passed else "  FAILED")
         line = f"output {self.index}: {tuple(self.shape)} vs {tuple(self.reference_shape)}, {what}"
         if self.check != "none":
             line += f": max abs error {self.max_abs_error:.2e} (rel {self.max_rel_error:.2e}, tol {self.tolerance:.1e})"
@@ -100,11 +135,15 @@ def verify(
     input_size: Sequence[int],
     mode: str = "window",
     checks: Optional[Sequence[str]] = None,
-    rtol: float = DEFAULT_RTOL,
+    rtol: Optional[float] = None,
     batch: int = 2,
     seed: int = 0,
 ) -> VerificationReport:
     """Run both models on the same seeded input at the training size and compare.
+
+    Each model gets its own copy of the input (a model that modifies its input in place cannot
+    hide a difference), and the original runs on a copy of itself when it has lazy modules, which
+    a first call would materialise.
 
     Args:
         original: the classifier.
@@ -113,7 +152,8 @@ def verify(
         mode: the conversion mode.
         checks: per output, ``"equal"``, ``"mean"`` or ``"none"``; by default taken from
             ``converted.conversion_report``, else ``"equal"`` (``"none"`` in dense mode).
-        rtol: tolerance on the max absolute error, relative to ``max(1, max |logit|)``.
+        rtol: tolerance on the max absolute error, relative to the largest logit; by default
+            1e-4 for float32 models and by precision for others (float16 1e-2, bfloat16 5e-2).
 
     Returns:
         A :class:`VerificationReport`; neither model is changed.
@@ -128,10 +168,14 @@ def verify(
     from ._convert import resolve_input_size  # (H, W) as for convert; channels from the model
 
     input_size = resolve_input_size(original, input_size)
+    if rtol is None:
+        rtol = default_rtol(converted)
     x = example_input(original, input_size, batch, seed)
+    if any(isinstance(m, LazyModuleMixin) for m in original.modules()):
+        original = copy.deepcopy(original)
     with torch.no_grad(), eval_mode(original), eval_mode(converted):
-        reference = original(x)
-        result = converted(x)
+        reference = original(x.clone())
+        result = converted(x.clone())
     refs, ref_spec = pytree.tree_flatten(reference)
     outs, out_spec = pytree.tree_flatten(result)
     if len(refs) != len(outs):
@@ -160,6 +204,6 @@ def _compare(index: int, ref: Any, out: Any, check: str, rtol: float) -> OutputC
     if check == "none" or out_f.shape != ref_f.shape:
         error = 0.0 if check == "none" and out.dim() == ref.dim() + 2 else float("inf")
         return OutputCheck(index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0)
-    scale = max(1.0, ref_f.abs().max().item()) if ref_f.numel() else 1.0
+    scale = output_scale(ref_f)
     error = (out_f - ref_f).abs().max().item() if ref_f.numel() else 0.0
     return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), error, error / scale, rtol * scale)

@@ -354,7 +354,7 @@ def check(entry: ZooEntry, modes: Sequence[str] = MODES, batch: int = 1, onnx: U
             errors = []
             for mode in modes:
                 try:
-                    fcn = build(model, traced, mode)
+                    fcn = build(traced.model, traced, mode)
                 except UnsupportedModelError as err:
                     result.modes[mode] = "refused"
                     errors.append(err)
