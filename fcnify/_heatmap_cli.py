@@ -24,6 +24,8 @@ def add_parser(sub: Any, size: Callable[[str], Tuple[int, int]]) -> None:
     source = heat.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
     source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
+    heat.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a whole model saved with "
+                        "torch.save(model): unpickling runs code from the file, so only for files you trust")
     heat.add_argument("--class", dest="classes", action="append", metavar="NAME_OR_ID",
                       help="a class to draw, by index or name (repeat for more); default: the --top classes")
     heat.add_argument("--top", type=int, default=3, metavar="K", help="how many classes when --class is not given (default 3)")
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise FcnifyError(f"--top must be at least 1, got {args.top}. Hint: --top 3.")
     if not os.path.isfile(args.image):
         raise FcnifyError(f"image file not found: {args.image}. Hint: check the path.")
-    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights, trust=args.trust_pickle)
     input_size = args.input_size or size
     if input_size is None:
         raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")

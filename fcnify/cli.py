@@ -44,11 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         "model",
         metavar="MODEL",
         help="torchvision or timm model name (a bare name is looked up in torchvision first; "
-        "prefix timm/ or torchvision/ to choose), or a file saved with torch.save(model)",
+        "prefix timm/ or torchvision/ to choose), a .pt2 program, or a file saved with torch.save(model) (with --trust-pickle)",
     )
     source = convert.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
     source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
+    convert.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a whole model saved with "
+                        "torch.save(model): unpickling runs code from the file, so only for files you trust")
     convert.add_argument("--input-size", type=_size, metavar="HxW", help="training size, e.g. 224 or 224x320 "
                          "(default: from the weights' metadata)")
     convert.add_argument("--mode", choices=("window", "dense", "global"), default="window",
@@ -98,6 +100,8 @@ def _add_export_parser(sub) -> None:
     source = export.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
     source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
+    export.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a whole model saved with "
+                        "torch.save(model): unpickling runs code from the file, so only for files you trust")
     export.add_argument("--input-size", type=_size, metavar="HxW", help="training size, e.g. 224 or 224x320")
     export.add_argument("--mode", choices=("window", "dense", "global"), default="window", help="as for convert")
     export.add_argument("-o", "--output", metavar="PATH", help="the .onnx file; default: ./MODEL-fcn.onnx")
@@ -127,7 +131,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     if not args.no_save:
         _check_folder(args.output or _default_output(args.model))
-    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights, trust=args.trust_pickle)
     input_size = args.input_size or size
     if input_size is None:
         raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
@@ -166,7 +170,7 @@ def _export(args: argparse.Namespace) -> int:
         raise FcnifyError(f"fcnify export writes ONNX, but {path} does not end in .onnx. "
                           "Hint: use -o model.onnx, or fcnify convert -o model.pt2 for a torch.export program.")
     _check_folder(path)
-    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights, trust=args.trust_pickle)
     input_size = args.input_size or size
     if input_size is None:
         raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
