@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import time
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -16,7 +17,9 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
 from ._rewrite import MODES, Context, Rewrite, rewrite_head
 from ._cells import cell_check, head_module
-from ._trace import ShapeRun, describe_node, eliminate_dead_code, eval_mode, record_shapes, second_size, trace
+from ._trace import (
+    ShapeRun, check_memory, describe_node, eliminate_dead_code, eval_mode, record_shapes, second_size, trace,
+)
 from .rules import DEFAULT_RULES
 from .verify import OutputCheck, VerificationReport, default_rtol, example_input
 from .verify import verify as _verify
@@ -68,6 +71,10 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+#: No tensor side can exceed this (PyTorch indexes with 32-bit ints in many kernels).
+_MAX_SIDE = 2**31 - 1
+
+
 def resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]], gm: Optional[fx.GraphModule] = None):
     """``(C, H, W)`` from ``input_size`` (``(H, W)``, ``(C, H, W)`` or an int) and the model.
 
@@ -84,13 +91,28 @@ def resolve_input_size(model: nn.Module, input_size: Optional[Sequence[int]], gm
                 f"input_size is required for {type(model).__name__}: the model carries no pretrained config "
                 "that names its training size. Hint: fcnify.convert(model, input_size=(224, 224))."
             )
-    if isinstance(input_size, int):
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (input_size, input_size)
-    input_size = tuple(int(s) for s in input_size)
+    try:
+        if isinstance(input_size, (str, bytes)):
+            raise TypeError
+        input_size = tuple(operator.index(s) for s in input_size)
+    except TypeError:
+        raise FcnifyError(
+            f"input_size must be (H, W) or (C, H, W) of integers, got {input_size!r}. Hint: input_size=(224, 224)."
+        ) from None
+    if len(input_size) not in (2, 3) or min(input_size) < 1:
+        raise FcnifyError(
+            f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}. "
+            "Hint: input_size=(224, 224)."
+        )
+    if max(input_size) > _MAX_SIDE:
+        raise FcnifyError(
+            f"input_size {input_size} is larger than any image a tensor can hold ({_MAX_SIDE} pixels a side). "
+            "Hint: input_size is the training size, e.g. (224, 224)."
+        )
     if len(input_size) == 3:
         return input_size
-    if len(input_size) != 2 or min(input_size) < 1:
-        raise FcnifyError(f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}")
     channels = cfg_size[0] if cfg_size else _first_conv_channels(model, gm)
     return (channels, *input_size)
 
@@ -213,6 +235,14 @@ def prepare(
     model = _materialized(model, input_size)
     gm = trace(model)
     size = resolve_input_size(model, input_size, gm)
+    probe = second_size(size[1:])
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+    check_memory(
+        gm, (batch, size[0], *probe), dtype,
+        f"converting {type(model).__name__} at input_size {size[1]}x{size[2]} (its probe run)",
+        f"input_size is the training size (e.g. 224x224), not the size of the images to run on; convert at "
+        "the training size, then run large images with fcnify.predict_tiled.",
+    )
     x = example_input(gm, size, batch)
     run = record_shapes(gm, x)
     if run.failed_at is not None:
@@ -221,7 +251,6 @@ def prepare(
             f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. Hint: check input_size (C, H, W); "
             "an input too small for the network's downsampling fails this way."
         ) from run.error
-    probe = second_size(size[1:])
     x2 = example_input(gm, (size[0], *probe), batch)
     run2 = record_shapes(gm, x2)
     return Traced(gm, size, run, run2, probe, x2, model)

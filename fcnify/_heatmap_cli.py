@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from ._models import load_model
     from .heatmap import heatmap, render_heatmap
 
-    if args.top < 1:
-        raise FcnifyError(f"--top must be at least 1, got {args.top}. Hint: --top 3.")
+    from .heatmap import MAX_PANELS
+
+    if not 1 <= args.top <= MAX_PANELS:
+        raise FcnifyError(f"--top must be from 1 to {MAX_PANELS} (one panel per class), got {args.top}. Hint: --top 3.")
     if not os.path.isfile(args.image):
         raise FcnifyError(f"image file not found: {args.image}. Hint: check the path.")
     model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights, trust=args.trust_pickle)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import inspect
 import math
+import os
 import threading
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
@@ -23,7 +25,7 @@ from ._errors import FcnifyError, TraceError
 
 __all__ = [
     "trace", "record_shapes", "ShapeRun", "eval_mode", "describe_node", "second_size", "has_side_effects",
-    "eliminate_dead_code",
+    "eliminate_dead_code", "estimate_peak_bytes", "check_memory", "available_memory", "format_bytes",
 ]
 
 
@@ -291,3 +293,84 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
     for node in reversed(list(gm.graph.nodes)):
         if not node.users and not has_side_effects(node, gm):
             gm.graph.erase_node(node)
+
+
+def estimate_peak_bytes(gm: fx.GraphModule, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """Peak activation memory of one run of ``gm`` on an input of ``shape``, without allocating it.
+
+    The graph runs on fake tensors (shapes only); each value is counted from the node that makes it
+    to its last reader, as the interpreter frees it, up to the node where the run stops if it does.
+    None when the graph does not run on fake tensors.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a traceback where the graph stops
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            run = record_shapes(gm, torch.empty(shape, dtype=dtype))
+    except Exception:  # noqa: BLE001 - an estimate only; the real run reports real errors
+        return None
+    finally:
+        quiet.setLevel(level)
+    nodes = [n for n in gm.graph.nodes if n in run.shapes]  # up to where a run stops (a head at another size)
+    if not nodes:
+        return None
+    last_use = {n: i for i, n in enumerate(nodes)}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            if arg in last_use:
+                last_use[arg] = max(last_use[arg], i)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    live, peak = {}, 0
+    for i, node in enumerate(nodes):
+        live[node] = _numel(run.shapes.get(node)) * itemsize if node.op != "get_attr" else 0
+        peak = max(peak, sum(live.values()))
+        for done in [n for n in live if last_use[n] <= i]:
+            del live[done]
+    return peak
+
+
+def _numel(shape: Any) -> int:
+    if isinstance(shape, tuple):
+        return math.prod(shape)
+    if isinstance(shape, list):
+        return sum(_numel(s) for s in shape)
+    return 0
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still use (physical memory available)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(gm: fx.GraphModule, shape: Tuple[int, ...], dtype: torch.dtype, what: str, hint: str) -> None:
+    """Refuse, with the estimate, a run of ``gm`` at ``shape`` that cannot fit in memory.
+
+    Only inputs above 64 MB are estimated: below that no classifier's activations fill a machine.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if math.prod(shape) * itemsize < 64 * 2**20:
+        return
+    need = estimate_peak_bytes(gm, shape, dtype)
+    have = available_memory()
+    if need is not None and need > have:
+        raise FcnifyError(
+            f"{what} at input {'x'.join(map(str, shape))} needs about {format_bytes(need)} of memory for its "
+            f"activations; {format_bytes(have)} is available. Hint: {hint}"
+        )
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+

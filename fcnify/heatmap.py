@@ -169,6 +169,10 @@ def _display(image: np.ndarray, max_side: int = 2048) -> np.ndarray:
     return np.ascontiguousarray(view[:, :, :3])
 
 
+#: The most class panels one heatmap draws.
+MAX_PANELS = 32
+
+
 def heatmap(
     fcn: nn.Module,
     image: Any,
@@ -211,6 +215,12 @@ def heatmap(
         >>> result.maps.shape, result.names
         (torch.Size([2, 64, 80]), ['class 1', 'class 3'])
     """
+    wanted = len(classes) if classes is not None else top
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= MAX_PANELS:
+        raise FcnifyError(
+            f"a heatmap draws one panel per class, from 1 to {MAX_PANELS}; {wanted!r} were asked for "
+            f"({'classes' if classes is not None else 'top'}). Hint: top=3, or name the classes you need."
+        )
     array = _as_image(image)
     height, width = array.shape[:2]
     stats = resolve_normalization(normalize, fcn)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ._convert import resolve_input_size
 from ._errors import FcnifyError, UnsupportedModelError, first_line
-from ._trace import describe_node, record_shapes, trace
+from ._trace import available_memory, check_memory, describe_node, format_bytes, record_shapes, trace
 from .verify import example_input
 
 __all__ = ["resize_head", "RESIZE_METHODS"]
@@ -93,6 +93,9 @@ def resize_head(
             f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. "
             "Hint: from_size must be the size it was trained at."
         ) from run.error
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+    hint = "resize to a size closer to the training size, or convert the model (fcnify.convert) to run it at any size"
+    check_memory(gm, (1, *new_size), dtype, f"resizing the head of {type(model).__name__}", hint)
     run2 = record_shapes(gm, example_input(gm, new_size, batch=1))  # stops at the Linear, past the map
     linear, fmap = _flatten_linear(gm, run, model)
     (c, h, w), (c2, h2, w2) = run.shape(fmap)[1:], (run2.shape(fmap) or (0, 0, 0, 0))[1:]
@@ -105,6 +108,12 @@ def resize_head(
             "Hint: to_size must be large enough for the network's downsampling."
         )
     old = gm.get_submodule(linear.target)
+    need = old.out_features * c * h2 * w2 * old.weight.element_size()
+    if need > available_memory():
+        raise FcnifyError(
+            f"the resized {describe_node(gm, linear)} would have {old.out_features}x{c * h2 * w2} weights "
+            f"({format_bytes(need)}); {format_bytes(available_memory())} of memory is available. Hint: {hint}."
+        )
     weight = old.weight.detach().reshape(old.out_features, c, h, w)
     resampled = _resample(weight, (h2, w2), method) * (h * w) / (h2 * w2)
     new = nn.Linear(c * h2 * w2, old.out_features, bias=old.bias is not None)

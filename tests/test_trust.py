@@ -156,3 +156,30 @@ def test_conversions_in_threads_do_not_disturb_each_other_or_inference():
         t.join()
     assert errors == []
     assert torchvision.models.resnet18(num_classes=4).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+# -- absurd sizes are refused before anything is allocated ------------------------------------
+
+
+@pytest.mark.parametrize("bad", [(99999999999999999999, 224), "224", (224, "a"), (-1, 5), (3, 224, 224, 1), True])
+def test_a_bad_input_size_is_one_clear_error(bad):
+    with pytest.raises(fcnify.FcnifyError, match=r"input_size .*Hint: input_size"):
+        fcnify.convert(small_cnn(), input_size=bad)
+
+
+def test_a_training_size_too_large_for_memory_is_refused_with_the_estimate():
+    """--input-size 100000 used to try to allocate 240 GB; the estimate runs on fake tensors."""
+    with pytest.raises(fcnify.FcnifyError, match=r"needs about [\d.]+ [TP]B of memory .* available\. Hint: input_size is"):
+        fcnify.convert(torchvision.models.resnet18(), input_size=(100000, 100000))
+
+
+def test_resizing_a_head_beyond_memory_is_refused():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10))
+    with pytest.raises(fcnify.FcnifyError, match=r"needs about .* of memory"):
+        fcnify.resize_head(net, (16, 16), (100000, 100000))
+
+
+def test_a_heatmap_of_a_thousand_panels_is_refused():
+    fcn = fcnify.convert(small_cnn(), input_size=(8, 8))
+    with pytest.raises(fcnify.FcnifyError, match=r"one panel per class, from 1 to 32"):
+        fcnify.heatmap(fcn, torch.rand(3, 16, 16), top=1000)
