@@ -240,7 +240,7 @@ def prepare(
     check_memory(
         gm, (batch, size[0], *probe), dtype,
         f"converting {type(model).__name__} at input_size {size[1]}x{size[2]} (its probe run)",
-        f"input_size is the training size (e.g. 224x224), not the size of the images to run on; convert at "
+        "input_size is the training size (e.g. 224x224), not the size of the images to run on; convert at "
         "the training size, then run large images with fcnify.predict_tiled.",
     )
     x = example_input(gm, size, batch)

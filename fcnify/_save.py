@@ -16,6 +16,7 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
+from ._files import check_output, staged
 from ._errors import FcnifyError, first_line
 from ._trace import second_size
 from .verify import example_input
@@ -53,9 +54,8 @@ def save(fcn: nn.Module, path: str, input_size: Sequence[int]) -> str:
         return path
     if ext != ".pt2":
         raise FcnifyError(f"cannot save to {path}: unknown format '{ext}'. Hint: use a .pt2 or .onnx file name.")
+    check_output(path, suffixes=(".pt2",))
     program = export_program(fcn, input_size)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FcnifyError(f"cannot save to {path}: folder {directory} does not exist. Hint: create it first.")
-    torch.export.save(program, path)
+    with staged(path) as work:  # an older file at path survives a failed save
+        torch.export.save(program, work)
     return path

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import FcnifyError
+from ._files import check_output, staged
 from ._trace import eval_mode
 from .geometry import Geometry, geometry
 from .tiled import open_image, predict_tiled
@@ -169,6 +170,9 @@ def _display(image: np.ndarray, max_side: int = 2048) -> np.ndarray:
     return np.ascontiguousarray(view[:, :, :3])
 
 
+#: The picture formats :func:`render_heatmap` writes (matplotlib's, by the file name's ending).
+PICTURE_ENDINGS = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
+
 #: The most class panels one heatmap draws.
 MAX_PANELS = 32
 
@@ -297,7 +301,12 @@ def render_heatmap(result: HeatmapResult, path: str, alpha: float = 0.5, max_sid
 
     Returns:
         ``path``.
+
+    Raises:
+        FcnifyError: ``path`` is a folder, has no picture ending, or its folder does not exist; checked
+            before drawing. An existing file at ``path`` is replaced only once the picture is complete.
     """
+    path = check_output(path, suffixes=PICTURE_ENDINGS, what="picture")
     try:
         import matplotlib
 
@@ -320,6 +329,9 @@ def render_heatmap(result: HeatmapResult, path: str, alpha: float = 0.5, max_sid
         ax.set_axis_off()
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=label)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with staged(path) as work:
+            fig.savefig(work, dpi=100)
+    finally:
+        plt.close(fig)
     return path

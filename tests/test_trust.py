@@ -183,3 +183,36 @@ def test_a_heatmap_of_a_thousand_panels_is_refused():
     fcn = fcnify.convert(small_cnn(), input_size=(8, 8))
     with pytest.raises(fcnify.FcnifyError, match=r"one panel per class, from 1 to 32"):
         fcnify.heatmap(fcn, torch.rand(3, 16, 16), top=1000)
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def test_a_failed_onnx_export_keeps_the_older_file(tmp_path):
+    fcn = fcnify.convert(small_cnn(), input_size=(8, 8))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an older export")
+    with pytest.raises(fcnify.FcnifyError) as err:
+        fcnify.export_onnx(fcn, str(path), input_size=(8, 8), opset=1)
+    assert path.read_bytes() == b"an older export"
+    assert ".fcnify-" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_an_onnx_export_replaces_the_file_only_when_it_is_complete(tmp_path):
+    fcn = fcnify.convert(small_cnn(), input_size=(8, 8))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an older export")
+    report = fcnify.export_onnx(fcn, str(path), input_size=(8, 8))
+    assert report.passed and report.path == str(path) and path.stat().st_size > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("folder", "is a folder"), ("x.xyz", "must end in .png"), ("missing/x.png", "does not exist"),
+])
+def test_a_heatmap_picture_path_is_checked_before_drawing(tmp_path, name, message):
+    (tmp_path / "folder").mkdir()
+    fcn = fcnify.convert(small_cnn(), input_size=(8, 8))
+    result = fcnify.heatmap(fcn, torch.rand(3, 16, 16), top=1)
+    with pytest.raises(fcnify.FcnifyError, match=message):
+        fcnify.render_heatmap(result, str(tmp_path / name))
