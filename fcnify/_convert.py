@@ -18,7 +18,8 @@ from ._errors import FcnifyError, UnsupportedModelError, VerificationError, firs
 from ._rewrite import MODES, Context, Rewrite, rewrite_head
 from ._cells import cell_check, head_module
 from ._trace import (
-    ShapeRun, check_memory, describe_node, eliminate_dead_code, eval_mode, record_shapes, second_size, trace,
+    ShapeRun, check_memory, describe_node, eliminate_dead_code, eval_mode, record_shapes, safe_deepcopy, second_size,
+    trace,
 )
 from .rules import DEFAULT_RULES
 from .verify import OutputCheck, VerificationReport, default_rtol, example_input
@@ -185,6 +186,8 @@ def convert(
         torch.Size([1, 10, 19, 26])
     """
     start = time.perf_counter()
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0):
+        raise FcnifyError(f"rtol must be a positive number, got {rtol!r}. Hint: rtol=1e-4 (the float32 default).")
     traced = prepare(model, input_size, modes=(mode,), output_stride=output_stride)
     if rtol is None:
         rtol = default_rtol(model)
@@ -264,7 +267,7 @@ def _materialized(model: nn.Module, input_size: Optional[Sequence[int]]) -> nn.M
     """
     if not isinstance(model, nn.Module) or not any(isinstance(m, LazyModuleMixin) for m in model.modules()):
         return model
-    copy_ = copy.deepcopy(model).eval()
+    copy_ = safe_deepcopy(model).eval()
     size = resolve_input_size(copy_, input_size)
     with torch.no_grad():
         copy_(example_input(copy_, size, 1))

@@ -25,7 +25,7 @@ from ._errors import FcnifyError, TraceError
 
 __all__ = [
     "trace", "record_shapes", "ShapeRun", "eval_mode", "describe_node", "second_size", "has_side_effects",
-    "eliminate_dead_code", "estimate_peak_bytes", "check_memory", "available_memory", "format_bytes",
+    "eliminate_dead_code", "safe_deepcopy", "estimate_peak_bytes", "check_memory", "available_memory", "format_bytes",
 ]
 
 
@@ -121,7 +121,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"expected a torch.nn.Module, got {type(model).__name__}. "
             "Hint: pass the classifier itself, e.g. torchvision.models.resnet50()."
         )
-    work = copy.deepcopy(model).eval()
+    work = safe_deepcopy(model).eval()
     try:
         with _TRACE_LOCK:
             tracer = _Tracer()
@@ -135,6 +135,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from err
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for modules that hold computed tensors as plain attributes.
+
+    ``torch.nn.utils.prune`` stores ``weight = weight_orig * weight_mask`` as an attribute: a tensor
+    that is not a leaf of autograd, which ``deepcopy`` refuses. Such tensors are copied detached
+    (the pruning hook computes them again on every call, so nothing is lost).
+    """
+    memo: Dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _optional_inputs(model: nn.Module) -> Optional[Dict[str, Any]]:

@@ -307,6 +307,8 @@ def render_heatmap(result: HeatmapResult, path: str, alpha: float = 0.5, max_sid
             before drawing. An existing file at ``path`` is replaced only once the picture is complete.
     """
     path = check_output(path, suffixes=PICTURE_ENDINGS, what="picture")
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
+        raise FcnifyError(f"max_side must be an integer of at least 16 pixels, got {max_side!r}. Hint: max_side=1024.")
     try:
         import matplotlib
 

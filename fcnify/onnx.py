@@ -331,6 +331,13 @@ def validate_onnx(
 
     if not os.path.isfile(path):
         raise ExportError(f"no such ONNX file: {path}. Hint: check the path.")
+    try:
+        onnx.load(path, load_external_data=False)
+    except Exception as err:
+        raise ExportError(
+            f"{path} is not a readable ONNX model: {type(err).__name__}: {first_line(err)}. "
+            "Hint: export it again (fcnify export MODEL -o FILE.onnx); the file may be truncated or not ONNX."
+        ) from err
     size = tuple(int(s) for s in ((input_size, input_size) if isinstance(input_size, int) else input_size))
     if len(size) == 2:
         channels = _dims(onnx.load(path, load_external_data=False).graph.input[0])[1:2]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import FcnifyError
+from ._inputs import as_batch
 from ._trace import eval_mode
 from .geometry import geometry, valid_sizes
 
@@ -44,8 +45,7 @@ def predict_padded(
         >>> fcnify.predict_padded(net, torch.randn(1, 1, 70, 64), input_size=(61, 61)).shape
         torch.Size([1, 1, 2, 2])
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise FcnifyError("predict_padded needs an (N, C, H, W) tensor. Hint: add a batch axis with x[None].")
+    x = as_batch(fcn, x, "predict_padded")
     height, width = x.shape[2:]
     if input_size is None and getattr(fcn, "conversion_report", None) is None:
         input_size = (height, width)

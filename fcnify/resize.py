@@ -10,7 +10,6 @@ logits exactly; for a bilinearly upsampled map it gives them closely.
 
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from ._convert import resolve_input_size
 from ._errors import FcnifyError, UnsupportedModelError, first_line
-from ._trace import available_memory, check_memory, describe_node, format_bytes, record_shapes, trace
+from ._trace import available_memory, check_memory, describe_node, format_bytes, record_shapes, safe_deepcopy, trace
 from .verify import example_input
 
 __all__ = ["resize_head", "RESIZE_METHODS"]
@@ -100,7 +99,7 @@ def resize_head(
     linear, fmap = _flatten_linear(gm, run, model)
     (c, h, w), (c2, h2, w2) = run.shape(fmap)[1:], (run2.shape(fmap) or (0, 0, 0, 0))[1:]
     if (h, w) == (h2, w2):
-        return copy.deepcopy(model)  # the map reaching the Linear does not depend on the input size
+        return safe_deepcopy(model)  # the map reaching the Linear does not depend on the input size
     if c2 != c or min(h2, w2) < 1:
         raise UnsupportedModelError(
             f"the map {describe_node(gm, fmap)} flattened into {describe_node(gm, linear)} is "
@@ -123,7 +122,7 @@ def resize_head(
         if old.bias is not None:
             new.bias.copy_(old.bias.detach())
     new.train(old.training)
-    resized = copy.deepcopy(model)
+    resized = safe_deepcopy(model)
     parent, _, name = linear.target.rpartition(".")
     setattr(resized.get_submodule(parent) if parent else resized, name, new)
     resized.fcnify_input_size = new_size[1:]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._errors import FcnifyError, UnsupportedModelError
+from ._inputs import as_device, input_channels
 from ._trace import eval_mode
 from .geometry import Geometry, geometry
 
@@ -240,8 +241,15 @@ def predict_tiled(
     """
     tile = (int(tile[0]), int(tile[1])) if isinstance(tile, (tuple, list)) else (int(tile), int(tile))
     source = _Source(image)
+    channels = input_channels(fcn)
+    if channels is not None and source.shape[1] != channels:
+        raise FcnifyError(
+            f"predict_tiled: the model reads {channels}-channel images, the image has {source.shape[1]} channels "
+            f"(shape {source.shape}). Hint: convert the image's channels, or check the layout (tensors are "
+            "(C, H, W), numpy arrays (H, W, C))."
+        )
     param = next(iter(fcn.parameters()), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    device = as_device(device, "predict_tiled") or (param.device if param is not None else torch.device("cpu"))
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     size = source.size
     report = getattr(fcn, "conversion_report", None)

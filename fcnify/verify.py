@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ._errors import FcnifyError
+from ._errors import FcnifyError, VerificationError
 from ._trace import eval_mode
 
 __all__ = ["verify", "VerificationReport", "OutputCheck", "DEFAULT_RTOL", "default_rtol", "output_scale", "example_input"]
@@ -178,6 +178,15 @@ def verify(
         result = converted(x.clone())
     refs, ref_spec = pytree.tree_flatten(reference)
     outs, out_spec = pytree.tree_flatten(result)
+    if any(isinstance(r, torch.Tensor) and r.is_floating_point() and not torch.isfinite(r).all() for r in refs):
+        bad = [name for name, p in original.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+        where = f"its parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or inf" if bad else (
+            "its weights or buffers overflow on a standard normal input")
+        raise VerificationError(
+            f"the original {type(original).__name__} itself returns NaN or inf at {'x'.join(map(str, input_size))}: "
+            f"{where}. Hint: check the weights (torch.isfinite(p).all() for each parameter); nothing can be verified "
+            "against non-finite logits."
+        )
     if len(refs) != len(outs):
         raise FcnifyError(f"the converted model returns {len(outs)} outputs where the original returns {len(refs)}")
     if checks is None:

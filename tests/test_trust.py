@@ -216,3 +216,55 @@ def test_a_heatmap_picture_path_is_checked_before_drawing(tmp_path, name, messag
     result = fcnify.heatmap(fcn, torch.rand(3, 16, 16), top=1)
     with pytest.raises(fcnify.FcnifyError, match=message):
         fcnify.render_heatmap(result, str(tmp_path / name))
+
+
+# -- one clear line for every mistake in the Python API ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_fcn():
+    return fcnify.convert(small_cnn(), input_size=(8, 8))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f: fcnify.predict_padded(f, torch.rand(1, 1, 20, 20)), "reads 3-channel images, got 1"),
+    (lambda f: fcnify.predict_tiled(f, torch.rand(1, 20, 20), progress=False), "reads 3-channel images"),
+    (lambda f: fcnify.predict_padded(f, (torch.rand(1, 3, 20, 20) * 255).to(torch.uint8)), "floating-point images"),
+    (lambda f: fcnify.predict_tiled(f, torch.rand(3, 20, 20), device="bogus", progress=False), "unknown device"),
+    (lambda f: fcnify.convert(None, input_size=(8, 8)), "expected a torch.nn.Module"),
+    (lambda f: fcnify.convert(small_cnn(), input_size=(8, 8), rtol="x"), "rtol must be a positive number"),
+    (lambda f: fcnify.valid_sizes(f, (-3, 8)), "positive sizes"),
+], ids=["channels-padded", "channels-tiled", "uint8", "device", "none-model", "rtol", "negative-size"])
+def test_api_mistakes_are_fcnify_errors(small_fcn, call, message):
+    with pytest.raises(fcnify.FcnifyError, match=message):
+        call(small_fcn)
+
+
+def test_half_precision_input_runs_in_the_models_dtype(small_fcn):
+    out = fcnify.predict_padded(small_fcn, torch.rand(1, 3, 20, 20).half())
+    assert out.dtype == torch.float32 and out.shape[1] == 3
+
+
+def test_nan_weights_are_named_not_blamed_on_the_head():
+    model = small_cnn()
+    with torch.no_grad():
+        model[4].weight.fill_(float("nan"))
+    with pytest.raises(fcnify.VerificationError, match=r"itself returns NaN or inf.*4\.weight"):
+        fcnify.convert(model, input_size=(8, 8))
+
+
+def test_a_corrupt_onnx_file_is_one_line(small_fcn, tmp_path):
+    (tmp_path / "c.onnx").write_bytes(b"not a model")
+    with pytest.raises(fcnify.ExportError, match="is not a readable ONNX model"):
+        fcnify.validate_onnx(small_fcn, str(tmp_path / "c.onnx"), (8, 8))
+
+
+def test_a_pruned_model_converts_exactly():
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    model = small_cnn()
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    fcn = fcnify.convert(model, input_size=(8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fcn(x)[..., 0, 0], model(x))
+    assert hasattr(model[0], "weight_orig")  # the user's pruning is left in place
