@@ -208,7 +208,11 @@ def _planes(smap: _ScoreMap, classes: Any, top: Optional[int]) -> _Planes:
     def labels(window: Window) -> np.ndarray:
         block = scores(window)
         empty = np.isnan(block).all(axis=0)
-        order = np.argsort(-np.nan_to_num(block, nan=-np.inf), axis=0, kind="stable")[:top]
+        ranked = np.nan_to_num(block, nan=-np.inf)
+        if top == 1:
+            order = ranked.argmax(axis=0)[None]
+        else:
+            order = np.argsort(-ranked, axis=0, kind="stable")[:top]
         out = lookup[order]
         out[:, empty] = fill
         return out
