@@ -379,7 +379,7 @@ def write_geotiff(store: Any, path: PathLike, *, classes: Any = None, top: Optio
     The GeoTIFF's pixel is the map's cell: its pixel -> CRS affine is the scene's level-0 affine
     composed with the cell grid (scale by the stride, cell centres on the level-0 pixels the
     geometry gives, corners half a stride away), and the store's CRS is kept. A store with no
-    transform gets level-0 pixel coordinates and no CRS.
+    transform gets level-0 pixel coordinates and no CRS (a CRS without a transform is dropped).
 
     Args:
         store: the Zarr store ``fcnify.predict`` wrote (a path or an open ``zarr.Group``).
@@ -407,7 +407,7 @@ def write_geotiff(store: Any, path: PathLike, *, classes: Any = None, top: Optio
     planes = _planes(smap, classes, top)
     h, w = planes.shape
     profile = dict(driver="GTiff", width=w, height=h, count=planes.count, dtype=planes.dtype.name,
-                   transform=smap.world_affine(), crs=smap.crs, nodata=planes.fill,
+                   transform=smap.world_affine(), crs=smap.crs if smap.level0 is not None else None, nodata=planes.fill,
                    tiled=True, blockxsize=TILE, blockysize=TILE, compress="deflate", BIGTIFF="IF_SAFER")
     if h < TILE or w < TILE:  # GDAL wants whole tiles inside the raster... or a strip layout
         profile.update(tiled=False, blockxsize=None, blockysize=None)

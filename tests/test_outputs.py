@@ -200,7 +200,7 @@ def test_geotiff_half_pixel_offsets_and_labels(tmp_path, scene):
 
 def test_geotiff_without_a_transform_uses_level0_pixels(tmp_path):
     store = make_store(tmp_path / "map.zarr", random_scores(1, 20, 30, holes=False), stride=(32, 32),
-                       offset=(111.5, 111.5))
+                       offset=(111.5, 111.5), crs="EPSG:32633")  # a CRS without a transform: not applied to pixels
     with rasterio.open(write_geotiff(store, tmp_path / "px.tif")) as dst:
         assert dst.crs is None
         assert dst.transform @ (0, 0) == pytest.approx((96.0, 96.0))  # 111.5 + 0.5 - 16
