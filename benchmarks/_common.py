@@ -41,6 +41,7 @@ SECTIONS = [
 
 # -- command line -------------------------------------------------------------------------------
 
+
 def parse_size(text: str):
     """``"512"`` -> (512, 512); ``"512x768"`` -> (512, 768)."""
     h, _, w = text.partition("x")
@@ -49,14 +50,27 @@ def parse_size(text: str):
 
 def add_common_arguments(parser: argparse.ArgumentParser, threads_default=1, several_threads: bool = False) -> None:
     """``--device``, ``--threads`` and ``--no-write``, the same for every script."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where PyTorch runs (cuda: exits with a message when no GPU is available)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where PyTorch runs (cuda: exits with a message when no GPU is available)",
+    )
     if several_threads:
-        parser.add_argument("--threads", type=int, nargs="+", default=threads_default,
-                            help=f"intra-op CPU thread counts, one table row each (default {threads_default})")
+        parser.add_argument(
+            "--threads",
+            type=int,
+            nargs="+",
+            default=threads_default,
+            help=f"intra-op CPU thread counts, one table row each (default {threads_default})",
+        )
     else:
-        parser.add_argument("--threads", type=int, default=threads_default,
-                            help=f"intra-op CPU threads for PyTorch (and ONNX Runtime) (default {threads_default})")
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=threads_default,
+            help=f"intra-op CPU threads for PyTorch (and ONNX Runtime) (default {threads_default})",
+        )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
 
 
@@ -67,8 +81,10 @@ def setup(args: argparse.Namespace):
     if args.device == "cuda" and not torch.cuda.is_available():
         script = os.path.basename(sys.argv[0])
         script = "python -m benchmarks" if script == "__main__.py" else script
-        sys.exit(f"{script}: --device cuda: CUDA is not available "
-                 f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+        sys.exit(
+            f"{script}: --device cuda: CUDA is not available "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False)"
+        )
     threads = args.threads if isinstance(args.threads, list) else [args.threads]
     if min(threads) < 1:
         sys.exit(f"--threads must be at least 1, got {args.threads}")
@@ -84,6 +100,7 @@ def command(script: str, argv: Optional[Sequence[str]]) -> str:
 
 
 # -- machine ------------------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
     try:
@@ -101,7 +118,7 @@ def memory_gb() -> float:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024 ** 2
+                    return int(line.split()[1]) / 1024**2
     except OSError:
         pass
     return float("nan")
@@ -153,8 +170,14 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} logical cores, {memory_gb():.0f} GB RAM"
 
 
-def environment(device, threads: int, load_before: float, load_after: float,
-                libraries: Sequence[str] = ("torchvision",), extra: Sequence[str] = ()) -> List[str]:
+def environment(
+    device,
+    threads: int,
+    load_before: float,
+    load_after: float,
+    libraries: Sequence[str] = ("torchvision",),
+    extra: Sequence[str] = (),
+) -> List[str]:
     """The machine-description bullet lines of a section."""
     return [
         f"machine: {machine()}; 1-minute load average {load_before:.1f} before timing, {load_after:.1f} after "
@@ -168,6 +191,7 @@ def environment(device, threads: int, load_before: float, load_after: float,
 
 # -- timing -------------------------------------------------------------------------------------
 
+
 def synchronize(device) -> None:
     import torch
 
@@ -175,9 +199,14 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_alternating(fns: Mapping[str, Callable[[], object]], runs: Mapping[str, int] | int = 3,
-                     blocks: int = 2, warmup: Mapping[str, int] | int = 1, pause: float = 0.0,
-                     device=None) -> Dict[str, List[float]]:
+def time_alternating(
+    fns: Mapping[str, Callable[[], object]],
+    runs: Mapping[str, int] | int = 3,
+    blocks: int = 2,
+    warmup: Mapping[str, int] | int = 1,
+    pause: float = 0.0,
+    device=None,
+) -> Dict[str, List[float]]:
     """Seconds of every timed run of each function, measured in alternating blocks.
 
     ``blocks`` times over: for each function in turn, ``warmup`` untimed runs (first block only
@@ -190,7 +219,7 @@ def time_alternating(fns: Mapping[str, Callable[[], object]], runs: Mapping[str,
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for block in range(blocks):
         order = list(fns.items())
-        for name, fn in (order if block % 2 == 0 else order[::-1]):  # A B, B A, ...: no variant always runs first
+        for name, fn in order if block % 2 == 0 else order[::-1]:  # A B, B A, ...: no variant always runs first
             if pause:
                 time.sleep(pause)
             if block == 0 or pause:
@@ -261,6 +290,7 @@ def one_window_error(model, size=(224, 224)) -> str:
 
 # -- docs/benchmarks.md -------------------------------------------------------------------------
 
+
 def markers(name: str):
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
@@ -274,7 +304,7 @@ def write_section(name: str, body: Sequence[str], doc: str = DOC) -> None:
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
-        later = SECTIONS[SECTIONS.index(name) + 1:] if name in SECTIONS else []
+        later = SECTIONS[SECTIONS.index(name) + 1 :] if name in SECTIONS else []
         positions = [text.find(markers(other)[0]) for other in later]
         positions = [p for p in positions if p >= 0]
         if positions:

@@ -76,24 +76,39 @@ def main(argv=None):
             if not args.no_stride:
                 t, _ = timed(lambda: fcnify.convert(model, input_size=SIZE, output_stride=8))
                 phases["stride8"].append(t)
-        r = {"model": name, "nodes": len(traced.gm.graph.nodes),
-             **{k: (common.median([w for w, _ in v]), common.median([c for _, c in v])) for k, v in phases.items()}}
+        r = {
+            "model": name,
+            "nodes": len(traced.gm.graph.nodes),
+            **{k: (common.median([w for w, _ in v]), common.median([c for _, c in v])) for k, v in phases.items()},
+        }
         results.append(r)
-        print(f"{name}: convert {cell(r['convert'])} s (prepare {cell(r['prepare'])}, build {cell(r['build'])}, "
-              f"verify {cell(r['verify'])}); output_stride=8: {cell(r['stride8'])} s  (wall (CPU))", flush=True)
+        print(
+            f"{name}: convert {cell(r['convert'])} s (prepare {cell(r['prepare'])}, build {cell(r['build'])}, "
+            f"verify {cell(r['verify'])}); output_stride=8: {cell(r['stride8'])} s  (wall (CPU))",
+            flush=True,
+        )
     load_after = common.load_average()
 
     header = "| model | graph nodes | convert | trace + shapes | rewrite + probe | verify |"
     header += "" if args.no_stride else " convert, output_stride=8 |"
     table = [header, "|---|---:|---:|---:|---:|---:|" + ("" if args.no_stride else "---:|")]
     for r in results:
-        row = (f"| {r['model']} | {r['nodes']} | {cell(r['convert'])} | {cell(r['prepare'])} | {cell(r['build'])} "
-               f"| {cell(r['verify'])} |")
+        row = (
+            f"| {r['model']} | {r['nodes']} | {cell(r['convert'])} | {cell(r['prepare'])} | {cell(r['build'])} "
+            f"| {cell(r['verify'])} |"
+        )
         table.append(row + ("" if args.no_stride else f" {cell(r['stride8'])} |"))
-    env = common.environment(device, args.threads, load_before, load_after, extra=[
-        f"models: torchvision, random weights, batch-norm statistics calibrated on random data; window mode, "
-        f"training size {SIZE[0]}x{SIZE[1]}, example batch 2; median of {args.repeat} conversions, after a first "
-        f"conversion of {args.models[0]} in the fresh process that took {cell(cold)} s (one-time costs included)"])
+    env = common.environment(
+        device,
+        args.threads,
+        load_before,
+        load_after,
+        extra=[
+            f"models: torchvision, random weights, batch-norm statistics calibrated on random data; window mode, "
+            f"training size {SIZE[0]}x{SIZE[1]}, example batch 2; median of {args.repeat} conversions, after a first "
+            f"conversion of {args.models[0]} in the fresh process that took {cell(cold)} s (one-time costs included)"
+        ],
+    )
     print("\n".join(env + [""] + table))
     if not args.no_write and results:
         write_section(env, table, common.command("conversion_time.py", argv))
@@ -101,25 +116,28 @@ def main(argv=None):
 
 
 def write_section(env, table, command):
-    common.write_section("conversion_time", [
-        "## Conversion time (`benchmarks/conversion_time.py`)",
-        "",
-        f"From one run of `{command}`. Seconds of `fcnify.convert(model, input_size=(224, 224))`,",
-        "and of its phases run one after the other: *trace + shapes* (torch.fx trace, then the traced",
-        "model run at the training size and at a larger probe size to record every node's shape),",
-        "*rewrite + probe* (head rewrite, recompile, one run of the result at the probe size) and",
-        "*verify* (original vs converted at the training size, batch 2). The phases add up to about the",
-        "whole call. Saving is not included (`.pt2` export: a few seconds more). Each cell is *wall",
-        "(CPU)* seconds: the CPU time of the process is what the conversion costs; wall time is longer",
-        "when other jobs hold the cores (this is an absolute time, with nothing to compare side by side).",
-        "",
-        "Every torchvision and timm classifier, converted in three modes, with the time of each:",
-        "[docs/coverage.md](coverage.md) (`fcnify zoo`; not re-run by this script).",
-        "",
-        *common.bullets(env),
-        "",
-        *table,
-    ])
+    common.write_section(
+        "conversion_time",
+        [
+            "## Conversion time (`benchmarks/conversion_time.py`)",
+            "",
+            f"From one run of `{command}`. Seconds of `fcnify.convert(model, input_size=(224, 224))`,",
+            "and of its phases run one after the other: *trace + shapes* (torch.fx trace, then the traced",
+            "model run at the training size and at a larger probe size to record every node's shape),",
+            "*rewrite + probe* (head rewrite, recompile, one run of the result at the probe size) and",
+            "*verify* (original vs converted at the training size, batch 2). The phases add up to about the",
+            "whole call. Saving is not included (`.pt2` export: a few seconds more). Each cell is *wall",
+            "(CPU)* seconds: the CPU time of the process is what the conversion costs; wall time is longer",
+            "when other jobs hold the cores (this is an absolute time, with nothing to compare side by side).",
+            "",
+            "Every torchvision and timm classifier, converted in three modes, with the time of each:",
+            "[docs/coverage.md](coverage.md) (`fcnify zoo`; not re-run by this script).",
+            "",
+            *common.bullets(env),
+            "",
+            *table,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ import _common as common  # noqa: E402
 MODELS = ["resnet18", "resnet50", "efficientnet_b0"]
 SIZES = [512, 1024, 2048]
 STRIDES = [32, 8]
-SKIP = ["resnet50/8/2048"]  # ~50 s a run on one busy core and ~3 GB: left out by default to keep the script under 15 min
+SKIP = [
+    "resnet50/8/2048"
+]  # ~50 s a run on one busy core and ~3 GB: left out by default to keep the script under 15 min
 WINDOW = 224
 
 
@@ -62,14 +64,18 @@ def measure(model, fcn, size: int, stride: int, args, device):
     # windows run into the zero padding (not counted: crop-by-crop cannot compute them)
     rows = cols = (size - WINDOW) // stride + 1
     if min(dense.shape[2:]) < rows:
-        raise RuntimeError(f"{args.model_name}: a {size}x{size} map at stride {stride} is "
-                           f"{tuple(dense.shape[2:])}, smaller than the {rows}x{cols} windows")
+        raise RuntimeError(
+            f"{args.model_name}: a {size}x{size} map at stride {stride} is "
+            f"{tuple(dense.shape[2:])}, smaller than the {rows}x{cols} windows"
+        )
     windows = rows * cols
     positions = sample_positions(rows, cols, args.crop_batch * args.crop_batches)
     batches = []
     for k in range(0, len(positions), args.crop_batch):
-        chunk = positions[k:k + args.crop_batch]
-        crops = torch.cat([x[:, :, stride * i: stride * i + WINDOW, stride * j: stride * j + WINDOW] for i, j in chunk])
+        chunk = positions[k : k + args.crop_batch]
+        crops = torch.cat(
+            [x[:, :, stride * i : stride * i + WINDOW, stride * j : stride * j + WINDOW] for i, j in chunk]
+        )
         batches.append((chunk, crops.contiguous()))
     with torch.inference_mode():
         flops_crop = common.count_flops(lambda: model(batches[0][1][:1]))
@@ -96,34 +102,65 @@ def measure(model, fcn, size: int, stride: int, args, device):
     blocks = min(args.blocks, len(batches))
     per_block = -(-len(batches) // blocks)
     dense_runs = common.runs_for(dense_once, budget=args.block_seconds, most=args.most)
-    times = common.time_alternating({"dense": dense_run, "crops": lambda: queue and crop_run()},
-                                    runs={"dense": dense_runs, "crops": per_block}, blocks=blocks, warmup=0,
-                                    device=device)
+    times = common.time_alternating(
+        {"dense": dense_run, "crops": lambda: queue and crop_run()},
+        runs={"dense": dense_runs, "crops": per_block},
+        blocks=blocks,
+        warmup=0,
+        device=device,
+    )
     t_dense = common.median(times["dense"])
     t_crops = common.median(per_crop) * windows
     diff = max(float((logits[p] - dense[0, :, p[0], p[1]]).abs().max()) for p in logits)
     scale = max(float(logits[p].abs().max()) for p in logits)
-    ideal = windows * WINDOW ** 2 / size ** 2
+    ideal = windows * WINDOW**2 / size**2
     counted = windows * flops_crop / flops_dense
-    return dict(size=size, stride=stride, windows=windows, cells=tuple(dense.shape[2:]), timed=len(logits),
-                t_dense=t_dense, dense_runs=len(times["dense"]),
-                t_crops=t_crops, speedup=t_crops / t_dense, ideal=ideal, counted=counted, diff=diff, scale=scale)
+    return dict(
+        size=size,
+        stride=stride,
+        windows=windows,
+        cells=tuple(dense.shape[2:]),
+        timed=len(logits),
+        t_dense=t_dense,
+        dense_runs=len(times["dense"]),
+        t_crops=t_crops,
+        speedup=t_crops / t_dense,
+        ideal=ideal,
+        counted=counted,
+        diff=diff,
+        scale=scale,
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS, help=f"torchvision models (default {' '.join(MODELS)})")
-    parser.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="square image sizes (default 512 1024 2048)")
-    parser.add_argument("--strides", nargs="+", type=int, default=STRIDES,
-                        help="window strides: 32 is the native map, others use convert(output_stride=s) (default 32 8)")
-    parser.add_argument("--skip", nargs="*", default=SKIP,
-                        help=f"configurations to leave out, as MODEL/STRIDE/SIZE (default {' '.join(SKIP)}; "
-                             "--skip with nothing after it runs everything)")
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=SIZES, help="square image sizes (default 512 1024 2048)"
+    )
+    parser.add_argument(
+        "--strides",
+        nargs="+",
+        type=int,
+        default=STRIDES,
+        help="window strides: 32 is the native map, others use convert(output_stride=s) (default 32 8)",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=SKIP,
+        help=f"configurations to leave out, as MODEL/STRIDE/SIZE (default {' '.join(SKIP)}; "
+        "--skip with nothing after it runs everything)",
+    )
     parser.add_argument("--crop-batch", type=int, default=32, help="crops per batch (default 32)")
     parser.add_argument("--crop-batches", type=int, default=4, help="crop batches timed per configuration (default 4)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks (dense, crops) per configuration")
-    parser.add_argument("--block-seconds", type=float, default=2.0,
-                        help="dense runs per block: as many as fit in this many seconds (1 to --most)")
+    parser.add_argument(
+        "--block-seconds",
+        type=float,
+        default=2.0,
+        help="dense runs per block: as many as fit in this many seconds (1 to --most)",
+    )
     parser.add_argument("--most", type=int, default=3, help="at most this many dense runs per block")
     common.add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -146,32 +183,46 @@ def main(argv=None):
                 row = measure(model_dev, fcn, size, stride, args, device)
                 row["model"] = name
                 results.append(row)
-                print(f"{name} {size}x{size} stride {stride}: {row['windows']} windows, dense {row['t_dense']:.2f} s, "
-                      f"crops {row['t_crops']:.1f} s ({row['timed']} timed), speedup {row['speedup']:.1f} "
-                      f"(ideal {row['ideal']:.1f}, counted FLOPs {row['counted']:.1f}), max abs diff {row['diff']:.2g} "
-                      f"of max |logit| {row['scale']:.2g}", flush=True)
+                print(
+                    f"{name} {size}x{size} stride {stride}: {row['windows']} windows, dense {row['t_dense']:.2f} s, "
+                    f"crops {row['t_crops']:.1f} s ({row['timed']} timed), speedup {row['speedup']:.1f} "
+                    f"(ideal {row['ideal']:.1f}, counted FLOPs {row['counted']:.1f}), max abs diff {row['diff']:.2g} "
+                    f"of max |logit| {row['scale']:.2g}",
+                    flush=True,
+                )
             del fcn
         model.cpu()
     load_after = common.load_average()
 
-    header = ("| model | image | stride | windows | crops timed | dense (s) | crops (s, extrapolated) | speedup "
-              "| FLOP ratio (ideal) | speedup / ideal | FLOP ratio (counted) | speedup / counted "
-              "| max abs diff crop vs cell (max abs logit) |")
+    header = (
+        "| model | image | stride | windows | crops timed | dense (s) | crops (s, extrapolated) | speedup "
+        "| FLOP ratio (ideal) | speedup / ideal | FLOP ratio (counted) | speedup / counted "
+        "| max abs diff crop vs cell (max abs logit) |"
+    )
     table = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         timed = f"all {r['timed']}" if r["timed"] == r["windows"] else f"{r['timed']}"
         table.append(
             f"| {r['model']} | {r['size']}x{r['size']} | {r['stride']} | {r['windows']} | {timed} | {common.fmt_s(r['t_dense'])} "
             f"| {common.fmt_s(r['t_crops'])} | {r['speedup']:.1f} | {r['ideal']:.1f} | {r['speedup'] / r['ideal']:.2f} "
-            f"| {r['counted']:.1f} | {r['speedup'] / r['counted']:.2f} | {r['diff']:.2g} ({r['scale']:.2g}) |")
-    env = common.environment(device, args.threads, load_before, load_after, extra=[
-        f"models: torchvision {', '.join(args.models)}, random weights, batch-norm statistics calibrated on "
-        f"random data at {WINDOW}x{WINDOW}; batch 1 for the dense map, {args.crop_batch} crops per batch; "
-        f"{args.blocks} alternating blocks per row; dense: median of {min(r['dense_runs'] for r in results)} "
-        f"to {max(r['dense_runs'] for r in results)} runs; crops: median time per crop over the timed batches"
-        if results else "no results",
-        "control: at the training size (one window) the map equals the original logits: max abs diff "
-        + "; ".join(controls)])
+            f"| {r['counted']:.1f} | {r['speedup'] / r['counted']:.2f} | {r['diff']:.2g} ({r['scale']:.2g}) |"
+        )
+    env = common.environment(
+        device,
+        args.threads,
+        load_before,
+        load_after,
+        extra=[
+            f"models: torchvision {', '.join(args.models)}, random weights, batch-norm statistics calibrated on "
+            f"random data at {WINDOW}x{WINDOW}; batch 1 for the dense map, {args.crop_batch} crops per batch; "
+            f"{args.blocks} alternating blocks per row; dense: median of {min(r['dense_runs'] for r in results)} "
+            f"to {max(r['dense_runs'] for r in results)} runs; crops: median time per crop over the timed batches"
+            if results
+            else "no results",
+            "control: at the training size (one window) the map equals the original logits: max abs diff "
+            + "; ".join(controls),
+        ],
+    )
     print("\n".join(env + [""] + table))
     if not args.no_write and results:
         write_section(env, table, common.command("dense_vs_crops.py", argv), args)
@@ -179,44 +230,51 @@ def main(argv=None):
 
 
 def write_section(env, table, command, args):
-    skipped = (f" Left out: {', '.join(args.skip)} (by default resnet50 at stride 8 on 2048x2048: about a minute a"
-               " run and 3 GB on one busy core; `--skip` with nothing after it runs everything)." if args.skip else "")
-    common.write_section("dense_vs_crops", [
-        "## Dense map vs crop-by-crop classification (`benchmarks/dense_vs_crops.py`)",
-        "",
-        f"From one run of `{command}`.{skipped} The dense map is `fcnify.convert(model)` (window",
-        "mode; stride 8: `output_stride=8`) applied once to the whole image. The baseline crops every",
-        f"{WINDOW}x{WINDOW} window at the same stride and batches the crops through the original model (how a",
-        "patch predictor such as TIAToolbox's works; cropping itself is not timed). **Crop-by-crop",
-        "times are extrapolated**: a fixed sample of windows spread over the image (the \"crops timed\"",
-        "column) is run, and the median time per crop is multiplied by the number of windows; rows",
-        "marked \"all\" ran every window.",
-        "",
-        "- *FLOP ratio (ideal)* = windows x window area / image area: the work crop-by-crop does per",
-        "  unit of work of one pass over the image, the speedup a dense map could reach if it cost one",
-        "  pass of the original network per image area. At stride 8 the dense map cannot reach it: the",
-        "  layers after the removed strides run at 4x and 16x the resolution (dilated), which is more",
-        "  work than one pass.",
-        "- *FLOP ratio (counted)* = windows x FLOPs of one crop / FLOPs of the dense pass, both counted",
-        "  by `torch.utils.flop_counter` (convolutions and matrix products): the speedup the dense map",
-        "  can reach given the work it really does. *speedup / counted* near 1 means the dense pass runs",
-        "  at the same FLOP rate as the crop batches (goal >= 0.8); above 1, at a higher one.",
-        "- *windows* counts the windows inside the image. A stride-8 map has 3 more rows and columns",
-        "  of cells at these sizes (40x40 cells at 512 for 37x37 windows): windows that run past the",
-        "  bottom and right edges into the zero padding. The dense pass computes them (its time includes",
-        "  them); crop-by-crop cannot, so they are neither counted nor compared.",
-        "- *max abs diff*: the largest difference between a sampled crop's logits and its cell of the",
-        "  dense map, next to the largest logit. It is not zero, and is not meant to be: these networks",
-        "  pad their convolutions with zeros, so a crop sees zeros beyond its edges where the dense map",
-        "  sees the neighbouring image (README, \"Modes\"). EfficientNet's squeeze-and-excitation blocks",
-        "  also pool over the whole image in the dense map but over the crop alone. With random",
-        "  weights the differences are as large as the differences between windows; the control line",
-        "  below shows the map is exact where it should be (one window, the training size).",
-        "",
-        *common.bullets(env),
-        "",
-        *table,
-    ])
+    skipped = (
+        f" Left out: {', '.join(args.skip)} (by default resnet50 at stride 8 on 2048x2048: about a minute a"
+        " run and 3 GB on one busy core; `--skip` with nothing after it runs everything)."
+        if args.skip
+        else ""
+    )
+    common.write_section(
+        "dense_vs_crops",
+        [
+            "## Dense map vs crop-by-crop classification (`benchmarks/dense_vs_crops.py`)",
+            "",
+            f"From one run of `{command}`.{skipped} The dense map is `fcnify.convert(model)` (window",
+            "mode; stride 8: `output_stride=8`) applied once to the whole image. The baseline crops every",
+            f"{WINDOW}x{WINDOW} window at the same stride and batches the crops through the original model (how a",
+            "patch predictor such as TIAToolbox's works; cropping itself is not timed). **Crop-by-crop",
+            'times are extrapolated**: a fixed sample of windows spread over the image (the "crops timed"',
+            "column) is run, and the median time per crop is multiplied by the number of windows; rows",
+            'marked "all" ran every window.',
+            "",
+            "- *FLOP ratio (ideal)* = windows x window area / image area: the work crop-by-crop does per",
+            "  unit of work of one pass over the image, the speedup a dense map could reach if it cost one",
+            "  pass of the original network per image area. At stride 8 the dense map cannot reach it: the",
+            "  layers after the removed strides run at 4x and 16x the resolution (dilated), which is more",
+            "  work than one pass.",
+            "- *FLOP ratio (counted)* = windows x FLOPs of one crop / FLOPs of the dense pass, both counted",
+            "  by `torch.utils.flop_counter` (convolutions and matrix products): the speedup the dense map",
+            "  can reach given the work it really does. *speedup / counted* near 1 means the dense pass runs",
+            "  at the same FLOP rate as the crop batches (goal >= 0.8); above 1, at a higher one.",
+            "- *windows* counts the windows inside the image. A stride-8 map has 3 more rows and columns",
+            "  of cells at these sizes (40x40 cells at 512 for 37x37 windows): windows that run past the",
+            "  bottom and right edges into the zero padding. The dense pass computes them (its time includes",
+            "  them); crop-by-crop cannot, so they are neither counted nor compared.",
+            "- *max abs diff*: the largest difference between a sampled crop's logits and its cell of the",
+            "  dense map, next to the largest logit. It is not zero, and is not meant to be: these networks",
+            "  pad their convolutions with zeros, so a crop sees zeros beyond its edges where the dense map",
+            '  sees the neighbouring image (README, "Modes"). EfficientNet\'s squeeze-and-excitation blocks',
+            "  also pool over the whole image in the dense map but over the crop alone. With random",
+            "  weights the differences are as large as the differences between windows; the control line",
+            "  below shows the map is exact where it should be (one window, the training size).",
+            "",
+            *common.bullets(env),
+            "",
+            *table,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ import _common as common  # noqa: E402
 def time_pair(eager, onnx_run, repeat, warmup, blocks=2):
     """Median seconds of each over ``repeat`` runs, in ``2 * blocks`` alternating blocks."""
     per_block = max(1, -(-repeat // blocks))
-    times = common.time_alternating({"eager": eager, "onnx": onnx_run}, runs=per_block, blocks=blocks,
-                                    warmup=warmup, pause=0.5)  # pause: let the other library's threads go idle
+    times = common.time_alternating(
+        {"eager": eager, "onnx": onnx_run}, runs=per_block, blocks=blocks, warmup=warmup, pause=0.5
+    )  # pause: let the other library's threads go idle
     return common.median(times["eager"]), common.median(times["onnx"])
 
 
@@ -42,8 +43,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--input-size", type=int, default=224, help="training size (default 224)")
-    parser.add_argument("--sizes", nargs="+", type=common.parse_size, default=[(224, 224), (1024, 1024)],
-                        help="input sizes HxW to time (default 224 1024x1024)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=common.parse_size,
+        default=[(224, 224), (1024, 1024)],
+        help="input sizes HxW to time (default 224 1024x1024)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per size (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -92,16 +98,25 @@ def main(argv=None):
 
     load = common.load_average()  # others' jobs share the CPU
     env = common.environment(
-        device, args.threads, load_start, load, libraries=("torchvision", "onnxruntime", "onnx"),
-        extra=[f"model: {args.model} converted by fcnify (window mode, trained at {args.input_size}, random weights), "
-               f"ONNX opset {export.opset}; median of {args.repeat} runs in alternating blocks, {args.warmup} "
-               "warm-up per block; the same intra-op thread count for PyTorch and ONNX Runtime"])
+        device,
+        args.threads,
+        load_start,
+        load,
+        libraries=("torchvision", "onnxruntime", "onnx"),
+        extra=[
+            f"model: {args.model} converted by fcnify (window mode, trained at {args.input_size}, random weights), "
+            f"ONNX opset {export.opset}; median of {args.repeat} runs in alternating blocks, {args.warmup} "
+            "warm-up per block; the same intra-op thread count for PyTorch and ONNX Runtime"
+        ],
+    )
     threads = ", ".join(map(str, args.threads))
     env[1] = f"device: {common.device_name(device)}; threads: {threads} (one row each){common.niceness()}"
     header = "| threads | input | output | PyTorch eager (ms) | ONNX Runtime (ms) | ORT / eager | max abs diff |"
     table = [header, "|---:|---|---|---:|---:|---:|---:|"]
     for threads, size, out, t_eager, t_onnx, error in rows:
-        table.append(f"| {threads} | {size} | {out} | {t_eager * 1e3:.1f} | {t_onnx * 1e3:.1f} | {t_onnx / t_eager:.2f} | {error:.1e} |")
+        table.append(
+            f"| {threads} | {size} | {out} | {t_eager * 1e3:.1f} | {t_onnx * 1e3:.1f} | {t_onnx / t_eager:.2f} | {error:.1e} |"
+        )
     print("\n".join(env + [""] + table))
     if not args.no_write:
         write_section(env, table, common.command("onnx_vs_eager.py", argv))
@@ -109,18 +124,21 @@ def main(argv=None):
 
 
 def write_section(env, table, command):
-    common.write_section("onnx_vs_eager", [
-        "## ONNX Runtime vs PyTorch eager (`benchmarks/onnx_vs_eager.py`)",
-        "",
-        "Latency of the same converted model in PyTorch eager mode and in ONNX Runtime, from one run of",
-        f"`{command}`. A ratio below 1 means ONNX Runtime is faster. On a shared CPU, read the",
-        "1-thread rows first: when other jobs hold the cores, PyTorch's OpenMP threads wait on each other",
-        "at every barrier and its multi-thread timings degrade much more than ONNX Runtime's.",
-        "",
-        *common.bullets(env),
-        "",
-        *table,
-    ])
+    common.write_section(
+        "onnx_vs_eager",
+        [
+            "## ONNX Runtime vs PyTorch eager (`benchmarks/onnx_vs_eager.py`)",
+            "",
+            "Latency of the same converted model in PyTorch eager mode and in ONNX Runtime, from one run of",
+            f"`{command}`. A ratio below 1 means ONNX Runtime is faster. On a shared CPU, read the",
+            "1-thread rows first: when other jobs hold the cores, PyTorch's OpenMP threads wait on each other",
+            "at every barrier and its multi-thread timings degrade much more than ONNX Runtime's.",
+            "",
+            *common.bullets(env),
+            "",
+            *table,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -99,8 +99,13 @@ def main(argv=None):
             once = common.time_alternating({"o": original}, runs=3, blocks=1, warmup=0, device=device)["o"]
             once = max(common.median(once), 1e-4)
             runs = common.runs_for(once, args.block_seconds, 10)
-            times = common.time_alternating({"original": original, "converted": converted, "twin": twin}, runs=runs,
-                                            blocks=args.blocks, warmup=1, device=device)
+            times = common.time_alternating(
+                {"original": original, "converted": converted, "twin": twin},
+                runs=runs,
+                blocks=args.blocks,
+                warmup=1,
+                device=device,
+            )
             r["eager"] = (common.median(times["original"]), common.median(times["converted"]), len(times["original"]))
             r["eager_aa"] = common.median(times["twin"]) / common.median(times["original"])
             r["spread"] = common.spread(times["original"])
@@ -119,41 +124,71 @@ def main(argv=None):
                 r["diff_onnx"] = float(np.abs(out_conv.reshape(out_orig.shape) - out_orig).max())
                 r["diff_onnx_ref"] = float(np.abs(out_orig - ref.numpy()).max())
                 times = common.time_alternating(
-                    {"original": lambda: s_orig.run(None, {in_orig: x_np}), "converted": lambda: s_conv.run(None, {in_conv: x_np}),
-                     "twin": lambda: s_twin.run(None, {in_orig: x_np})},
-                    runs=runs, blocks=args.blocks, warmup=1, pause=0.2 if args.threads > 1 else 0.0)
-                r["onnx"] = (common.median(times["original"]), common.median(times["converted"]), len(times["original"]))
+                    {
+                        "original": lambda: s_orig.run(None, {in_orig: x_np}),
+                        "converted": lambda: s_conv.run(None, {in_conv: x_np}),
+                        "twin": lambda: s_twin.run(None, {in_orig: x_np}),
+                    },
+                    runs=runs,
+                    blocks=args.blocks,
+                    warmup=1,
+                    pause=0.2 if args.threads > 1 else 0.0,
+                )
+                r["onnx"] = (
+                    common.median(times["original"]),
+                    common.median(times["converted"]),
+                    len(times["original"]),
+                )
                 r["onnx_aa"] = common.median(times["twin"]) / common.median(times["original"])
                 del s_orig, s_conv, s_twin
                 os.remove(p_orig), os.remove(p_conv)
             results.append(r)
-            line = (f"{name}: eager {r['eager'][0] * 1e3:.1f} -> {r['eager'][1] * 1e3:.1f} ms "
-                    f"({r['eager'][1] / r['eager'][0]:.3f}; A/A {r['eager_aa']:.3f})")
+            line = (
+                f"{name}: eager {r['eager'][0] * 1e3:.1f} -> {r['eager'][1] * 1e3:.1f} ms "
+                f"({r['eager'][1] / r['eager'][0]:.3f}; A/A {r['eager_aa']:.3f})"
+            )
             if "onnx" in r:
-                line += (f", ONNX Runtime {r['onnx'][0] * 1e3:.1f} -> {r['onnx'][1] * 1e3:.1f} ms "
-                         f"({r['onnx'][1] / r['onnx'][0]:.3f}; A/A {r['onnx_aa']:.3f})")
+                line += (
+                    f", ONNX Runtime {r['onnx'][0] * 1e3:.1f} -> {r['onnx'][1] * 1e3:.1f} ms "
+                    f"({r['onnx'][1] / r['onnx'][0]:.3f}; A/A {r['onnx_aa']:.3f})"
+                )
             print(line, flush=True)
             del model, fcn, model_d, fcn_d
     load_after = common.load_average()
 
-    header = ("| model | eager original (ms) | eager converted (ms) | eager converted / original | eager A/A "
-              "| ORT original (ms) | ORT converted (ms) | ORT converted / original | ORT A/A "
-              "| run-to-run spread (eager original) | max abs diff eager (ORT) | max abs logit |")
+    header = (
+        "| model | eager original (ms) | eager converted (ms) | eager converted / original | eager A/A "
+        "| ORT original (ms) | ORT converted (ms) | ORT converted / original | ORT A/A "
+        "| run-to-run spread (eager original) | max abs diff eager (ORT) | max abs logit |"
+    )
     table = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         e = r["eager"]
         o = r.get("onnx")
-        ort_cells = (f"{common.fmt_ms(o[0])} | {common.fmt_ms(o[1])} | **{o[1] / o[0]:.3f}** | {r['onnx_aa']:.3f}"
-                     if o else "- | - | - | -")
+        ort_cells = (
+            f"{common.fmt_ms(o[0])} | {common.fmt_ms(o[1])} | **{o[1] / o[0]:.3f}** | {r['onnx_aa']:.3f}"
+            if o
+            else "- | - | - | -"
+        )
         diffs = f"{r['diff_eager']:.1e}" + (f" ({r['diff_onnx']:.1e})" if o else "")
-        table.append(f"| {r['model']} | {common.fmt_ms(e[0])} | {common.fmt_ms(e[1])} | **{e[1] / e[0]:.3f}** "
-                     f"| {r['eager_aa']:.3f} | {ort_cells} "
-                     f"| {r['spread']:.0%} | {diffs} | {r['scale']:.2g} |")
+        table.append(
+            f"| {r['model']} | {common.fmt_ms(e[0])} | {common.fmt_ms(e[1])} | **{e[1] / e[0]:.3f}** "
+            f"| {r['eager_aa']:.3f} | {ort_cells} "
+            f"| {r['spread']:.0%} | {diffs} | {r['scale']:.2g} |"
+        )
     runs = sorted({r["eager"][2] for r in results} | {r["onnx"][2] for r in results if "onnx" in r})
-    env = common.environment(device, args.threads, load_before, load_after, libraries=("torchvision", "onnxruntime", "onnx"),
-                             extra=[f"models: torchvision, random weights, batch-norm statistics calibrated on random data; "
-                                    f"input 1x3x{SIZE[0]}x{SIZE[1]}; {args.blocks} alternating blocks per pair, median of "
-                                    f"{runs[0] if runs else 0} to {runs[-1] if runs else 0} runs per variant"])
+    env = common.environment(
+        device,
+        args.threads,
+        load_before,
+        load_after,
+        libraries=("torchvision", "onnxruntime", "onnx"),
+        extra=[
+            f"models: torchvision, random weights, batch-norm statistics calibrated on random data; "
+            f"input 1x3x{SIZE[0]}x{SIZE[1]}; {args.blocks} alternating blocks per pair, median of "
+            f"{runs[0] if runs else 0} to {runs[-1] if runs else 0} runs per variant"
+        ],
+    )
     print("\n".join(env + [""] + table))
     if not args.no_write and results:
         write_section(env, table, common.command("overhead.py", argv))
@@ -161,23 +196,26 @@ def main(argv=None):
 
 
 def write_section(env, table, command):
-    common.write_section("overhead", [
-        "## Overhead at the training size (`benchmarks/overhead.py`)",
-        "",
-        f"From one run of `{command}`. Latency of the converted model (window mode) against the",
-        "original at the training size, where both compute the same logits: PyTorch eager, and ONNX",
-        "Runtime with the original exported by `torch.onnx.export(..., dynamo=True)` at a static",
-        "1x3x224x224 shape and the converted model by `fcnify.export_onnx` (symbolic batch, height",
-        "and width). Goal: converted / original within 3% (0.97 to 1.03). The *max abs diff* column is",
-        "converted vs original logits, in eager mode and (in brackets) in ONNX Runtime. *A/A* is a copy",
-        "of the original timed in the same rotation, divided by the original: the noise floor of this",
-        "run (a converted / original ratio no further from 1 than A/A is no measurable overhead). The",
-        "*run-to-run spread* is the interquartile range of the original's eager runs over their median.",
-        "",
-        *common.bullets(env),
-        "",
-        *table,
-    ])
+    common.write_section(
+        "overhead",
+        [
+            "## Overhead at the training size (`benchmarks/overhead.py`)",
+            "",
+            f"From one run of `{command}`. Latency of the converted model (window mode) against the",
+            "original at the training size, where both compute the same logits: PyTorch eager, and ONNX",
+            "Runtime with the original exported by `torch.onnx.export(..., dynamo=True)` at a static",
+            "1x3x224x224 shape and the converted model by `fcnify.export_onnx` (symbolic batch, height",
+            "and width). Goal: converted / original within 3% (0.97 to 1.03). The *max abs diff* column is",
+            "converted vs original logits, in eager mode and (in brackets) in ONNX Runtime. *A/A* is a copy",
+            "of the original timed in the same rotation, divided by the original: the noise floor of this",
+            "run (a converted / original ratio no further from 1 than A/A is no measurable overhead). The",
+            "*run-to-run spread* is the interquartile range of the original's eager runs over their median.",
+            "",
+            *common.bullets(env),
+            "",
+            *table,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def shift_and_stitch(native, x, s: int, native_stride: int = 32):
     maps = {}
     for a in range(f):
         for b in range(f):
-            maps[a, b] = native(x[:, :, a * s:, b * s:])
+            maps[a, b] = native(x[:, :, a * s :, b * s :])
     n, k = maps[0, 0].shape[:2]
     rows = max(a + f * m.shape[2] for (a, _), m in maps.items())
     cols = max(b + f * m.shape[3] for (_, b), m in maps.items())
@@ -71,8 +71,12 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=MODELS, help=f"torchvision models (default {' '.join(MODELS)})")
     parser.add_argument("--size", type=common.parse_size, default=(512, 512), help="image size HxW (default 512)")
     parser.add_argument("--strides", nargs="+", type=int, default=STRIDES, help="output strides (default 16 8 4)")
-    parser.add_argument("--skip", nargs="*", default=SKIP,
-                        help=f"MODEL/STRIDE pairs to leave out (default {' '.join(SKIP)}; --skip alone runs all)")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=SKIP,
+        help=f"MODEL/STRIDE pairs to leave out (default {' '.join(SKIP)}; --skip alone runs all)",
+    )
     parser.add_argument("--mode", choices=("window", "dense"), default="window")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks per row (default 2)")
     parser.add_argument("--block-seconds", type=float, default=3.0, help="runs per block: as many as fit (1 to 3)")
@@ -114,45 +118,71 @@ def main(argv=None):
 
                 times = common.time_alternating(
                     {"fine": run_fine, "stitch": run_stitch},
-                    runs={"fine": common.runs_for(once_fine, args.block_seconds, 3),
-                          "stitch": common.runs_for(once_stitch, args.block_seconds, 3)},
-                    blocks=args.blocks, warmup=0, device=device)
+                    runs={
+                        "fine": common.runs_for(once_fine, args.block_seconds, 3),
+                        "stitch": common.runs_for(once_stitch, args.block_seconds, 3),
+                    },
+                    blocks=args.blocks,
+                    warmup=0,
+                    device=device,
+                )
             rows, cols = min(out.shape[2], ref.shape[2]), min(out.shape[3], ref.shape[3])
             a, b = out[0, :, :rows, :cols].cpu(), ref[0, :, :rows, :cols].cpu()
             filled = ~torch.isnan(b).any(0)
             diff = (a - b).abs().amax(0)
             inner = interior_mask(geo, rows, cols, s) & filled
-            r = dict(model=name, s=s, passes=(32 // s) ** 2, shape=tuple(out.shape[2:]), stitched=tuple(ref.shape[2:]),
-                     unfilled=int((~filled).sum()), t_fine=common.median(times["fine"]),
-                     t_stitch=common.median(times["stitch"]), runs=(len(times["fine"]), len(times["stitch"])),
-                     flops=flops_stitch / flops_fine, diff_all=float(diff[filled].max()),
-                     scale=float(b[:, filled].abs().max()), interior=int(inner.sum()), cells=rows * cols,
-                     diff_inner=float(diff[inner].max()) if inner.any() else float("nan"),
-                     native_cells=float(diff[::32 // s, ::32 // s].max()))
+            r = dict(
+                model=name,
+                s=s,
+                passes=(32 // s) ** 2,
+                shape=tuple(out.shape[2:]),
+                stitched=tuple(ref.shape[2:]),
+                unfilled=int((~filled).sum()),
+                t_fine=common.median(times["fine"]),
+                t_stitch=common.median(times["stitch"]),
+                runs=(len(times["fine"]), len(times["stitch"])),
+                flops=flops_stitch / flops_fine,
+                diff_all=float(diff[filled].max()),
+                scale=float(b[:, filled].abs().max()),
+                interior=int(inner.sum()),
+                cells=rows * cols,
+                diff_inner=float(diff[inner].max()) if inner.any() else float("nan"),
+                native_cells=float(diff[:: 32 // s, :: 32 // s].max()),
+            )
             results.append(r)
-            print(f"{name} stride {s}: fcnify {r['t_fine']:.2f} s, shift-and-stitch ({r['passes']} passes) "
-                  f"{r['t_stitch']:.2f} s, speedup {r['t_stitch'] / r['t_fine']:.2f} (FLOPs {r['flops']:.2f}); "
-                  f"max abs diff all {r['diff_all']:.2g}, interior ({r['interior']}/{r['cells']} cells) "
-                  f"{r['diff_inner']:.2g}, native cells {r['native_cells']:.2g}", flush=True)
+            print(
+                f"{name} stride {s}: fcnify {r['t_fine']:.2f} s, shift-and-stitch ({r['passes']} passes) "
+                f"{r['t_stitch']:.2f} s, speedup {r['t_stitch'] / r['t_fine']:.2f} (FLOPs {r['flops']:.2f}); "
+                f"max abs diff all {r['diff_all']:.2g}, interior ({r['interior']}/{r['cells']} cells) "
+                f"{r['diff_inner']:.2g}, native cells {r['native_cells']:.2g}",
+                flush=True,
+            )
             del fine
     load_after = common.load_average()
 
-    header = ("| model | output stride | passes | map | fcnify (s) | shift-and-stitch (s) | speedup | FLOP ratio "
-              "| max abs diff, all cells (max abs logit) | interior cells | max abs diff, interior |")
+    header = (
+        "| model | output stride | passes | map | fcnify (s) | shift-and-stitch (s) | speedup | FLOP ratio "
+        "| max abs diff, all cells (max abs logit) | interior cells | max abs diff, interior |"
+    )
     table = [header, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         table.append(
             f"| {r['model']} | {r['s']} | {r['passes']} | {r['shape'][0]}x{r['shape'][1]} | {common.fmt_s(r['t_fine'])} "
             f"| {common.fmt_s(r['t_stitch'])} | {r['t_stitch'] / r['t_fine']:.2f} | {r['flops']:.2f} "
-            f"| {r['diff_all']:.2g} ({r['scale']:.2g}) | {r['interior']} of {r['cells']} | {r['diff_inner']:.1e} |")
+            f"| {r['diff_all']:.2g} ({r['scale']:.2g}) | {r['interior']} of {r['cells']} | {r['diff_inner']:.1e} |"
+        )
     runs = [n for r in results for n in r["runs"]] or [0]
-    extra = [f"models: torchvision {', '.join(args.models)} ({args.mode} mode, random weights, batch-norm statistics "
-             f"calibrated on random data); image 1x3x{h}x{w}; {args.blocks} alternating blocks, median of "
-             f"{min(runs)} to {max(runs)} runs per variant"]
+    extra = [
+        f"models: torchvision {', '.join(args.models)} ({args.mode} mode, random weights, batch-norm statistics "
+        f"calibrated on random data); image 1x3x{h}x{w}; {args.blocks} alternating blocks, median of "
+        f"{min(runs)} to {max(runs)} runs per variant"
+    ]
     unfilled = [r for r in results if r["unfilled"]]
     if unfilled:
-        extra.append("cells no shifted pass reaches (past the last window; left out of the comparison): "
-                     + ", ".join(f"{r['model']}/{r['s']}: {r['unfilled']}" for r in unfilled))
+        extra.append(
+            "cells no shifted pass reaches (past the last window; left out of the comparison): "
+            + ", ".join(f"{r['model']}/{r['s']}: {r['unfilled']}" for r in unfilled)
+        )
     env = common.environment(device, args.threads, load_before, load_after, extra=extra)
     print("\n".join(env + [""] + table))
     if not args.no_write and results:
@@ -162,28 +192,31 @@ def main(argv=None):
 
 def write_section(env, table, command, args):
     skipped = f" Left out: {', '.join(args.skip)}." if args.skip else ""
-    common.write_section("stride_vs_shift_stitch", [
-        "## Finer maps: `output_stride` vs shift-and-stitch (`benchmarks/stride_vs_shift_stitch.py`)",
-        "",
-        f"From one run of `{command}`.{skipped} A stride-s map two ways: fcnify's",
-        "`convert(model, output_stride=s)` (one pass; strides removed, later layers dilated), and",
-        "shift-and-stitch: (32/s)^2 passes of the stride-32 converted model over the image cropped by",
-        "(a\\*s, b\\*s), interleaved. *speedup* = shift-and-stitch time / fcnify time; *FLOP ratio* is",
-        "the same ratio for counted FLOPs (`torch.utils.flop_counter`, convolutions and matrix products).",
-        "",
-        "The maps are not equal everywhere, and should not be: a shifted pass sees its cropped image's",
-        "top and left edge as a border and pads it with zeros, where fcnify's single pass sees the",
-        "image. Every cell whose receptive field (from `fcnify.geometry`) reaches that edge differs,",
-        "by up to the value in the *all cells* column, decaying with the distance to the edge. The",
-        "*interior* cells are the others: those whose receptive field lies inside the cropped image of",
-        "their pass (all cells of pass (0, 0), which are the native map, and the cells far enough",
-        "from the top-left edge in the other passes; the bottom and right edges are the image's own in",
-        "both). There the two agree to float rounding.",
-        "",
-        *common.bullets(env),
-        "",
-        *table,
-    ])
+    common.write_section(
+        "stride_vs_shift_stitch",
+        [
+            "## Finer maps: `output_stride` vs shift-and-stitch (`benchmarks/stride_vs_shift_stitch.py`)",
+            "",
+            f"From one run of `{command}`.{skipped} A stride-s map two ways: fcnify's",
+            "`convert(model, output_stride=s)` (one pass; strides removed, later layers dilated), and",
+            "shift-and-stitch: (32/s)^2 passes of the stride-32 converted model over the image cropped by",
+            "(a\\*s, b\\*s), interleaved. *speedup* = shift-and-stitch time / fcnify time; *FLOP ratio* is",
+            "the same ratio for counted FLOPs (`torch.utils.flop_counter`, convolutions and matrix products).",
+            "",
+            "The maps are not equal everywhere, and should not be: a shifted pass sees its cropped image's",
+            "top and left edge as a border and pads it with zeros, where fcnify's single pass sees the",
+            "image. Every cell whose receptive field (from `fcnify.geometry`) reaches that edge differs,",
+            "by up to the value in the *all cells* column, decaying with the distance to the edge. The",
+            "*interior* cells are the others: those whose receptive field lies inside the cropped image of",
+            "their pass (all cells of pass (0, 0), which are the native map, and the cells far enough",
+            "from the top-left edge in the other passes; the bottom and right edges are the image's own in",
+            "both). There the two agree to float rounding.",
+            "",
+            *common.bullets(env),
+            "",
+            *table,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -84,14 +84,17 @@ def make_image(path: str, size: int) -> None:
     image = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(size, size, 3))
     rng = np.random.default_rng(size)
     for y in range(0, size, 512):
-        image[y:y + 512] = rng.integers(0, 256, (min(512, size - y), size, 3), dtype=np.uint8)
+        image[y : y + 512] = rng.integers(0, 256, (min(512, size - y), size, 3), dtype=np.uint8)
     image.flush()
     del image
 
 
 def run(image: str, how: str, out: str, args) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, image, how, out, str(args.threads), args.model, str(args.tile),
-                             args.device], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, image, how, out, str(args.threads), args.model, str(args.tile), args.device],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()
         return {"error": tail[-1] if tail else f"exit {result.returncode}"}
@@ -103,12 +106,21 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18", help="resnet18 (default), another torchvision name, or small")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help="square image sizes (default 4096 8192; small: 2048 4096 8192)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="square image sizes (default 4096 8192; small: 2048 4096 8192)",
+    )
     parser.add_argument("--tile", type=int, default=None, help="tile size (default 2048; small: 1024)")
     parser.add_argument("--whole-up-to", type=int, default=4096, help="largest size to also run whole (memory!)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="whole/tiled pairs per size, alternating (default 1: a resnet18 run takes minutes)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="whole/tiled pairs per size, alternating (default 1: a resnet18 run takes minutes)",
+    )
     common.add_common_arguments(parser)
     args = parser.parse_args(argv)
     common.setup(args)
@@ -134,10 +146,16 @@ def main(argv=None) -> int:
                 if runs[how] and not ok:
                     row[how] = {"error": runs[how][0]["error"]}
                 elif ok:
-                    row[how] = {"peak_mb": max(r["peak_mb"] for r in ok), "base_mb": min(r["base_mb"] for r in ok),
-                                "seconds": common.median([r["seconds"] for r in ok]), "shape": ok[0]["shape"],
-                                "gpu_mb": ok[0]["gpu_mb"], "runs": len(ok), "tiles": ok[0].get("tiles"),
-                                "pixels": ok[0].get("pixels")}
+                    row[how] = {
+                        "peak_mb": max(r["peak_mb"] for r in ok),
+                        "base_mb": min(r["base_mb"] for r in ok),
+                        "seconds": common.median([r["seconds"] for r in ok]),
+                        "shape": ok[0]["shape"],
+                        "gpu_mb": ok[0]["gpu_mb"],
+                        "runs": len(ok),
+                        "tiles": ok[0].get("tiles"),
+                        "pixels": ok[0].get("pixels"),
+                    }
             whole, tiled = row.get("whole"), row.get("tiled")
             if whole and tiled and "error" not in whole and "error" not in tiled:
                 a, b = np.load(os.path.join(tmp, "tiled.npy")), np.load(os.path.join(tmp, "whole.npy"))
@@ -154,8 +172,10 @@ def main(argv=None) -> int:
             return [f"failed: {r['error'][:60]}", "", ""]
         return [f"{r['peak_mb']:.0f}", f"{r['seconds']:.1f}", ""]
 
-    header = ("| image | whole: peak MB | whole: s | whole: Mpixel/s | tiles (pixels run / image) | tiled: peak MB "
-              "| tiled: s | tiled: Mpixel/s | tiled / whole memory | tiled / whole throughput | max abs(tiled - whole) |")
+    header = (
+        "| image | whole: peak MB | whole: s | whole: Mpixel/s | tiles (pixels run / image) | tiled: peak MB "
+        "| tiled: s | tiled: Mpixel/s | tiled / whole memory | tiled / whole throughput | max abs(tiled - whole) |"
+    )
     table = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         size, whole, tiled = row["size"], row.get("whole"), row.get("tiled")
@@ -169,17 +189,28 @@ def main(argv=None) -> int:
         mem = f"{tiled['peak_mb'] / whole['peak_mb']:.2f}" if both else ""
         thr = f"{whole['seconds'] / tiled['seconds']:.2f}" if both else ""
         plan = f"{tiled['tiles']} ({tiled['pixels']:.2f}x)" if tiled and tiled.get("tiles") else ""
-        table.append(f"| {size} x {size} | {' | '.join(w)} | {plan} | {' | '.join(t)} | {mem} | {thr} "
-                     f"| {row.get('diff', '')} |")
+        table.append(
+            f"| {size} x {size} | {' | '.join(w)} | {plan} | {' | '.join(t)} | {mem} | {thr} | {row.get('diff', '')} |"
+        )
     base = [r[k]["base_mb"] for r in rows for k in ("whole", "tiled") if k in r and "error" not in r[k]]
-    model = ("a small padded CNN of total stride 16 (four stride-2 3x3 convolutions, 16-32 channels, a Linear head "
-             "made a 4x4 convolution), window mode" if small else
-             f"torchvision {args.model}, window mode (`fcnify.convert`), random weights with batch-norm statistics "
-             "calibrated on random data")
-    env = common.environment(args.device, args.threads, load_before, load_after, extra=[
-        f"model: {model}; image: random uint8 (H, W, 3) `.npy` memmap on disk, scaled to [0, 1]; tile {args.tile} x "
-        f"{args.tile}, batch 1; {args.repeat} run(s) per size and kind, alternating whole and tiled (median time, "
-        f"largest peak); peak memory before inference (imports, model): {min(base) if base else 0:.0f} MB or more"])
+    model = (
+        "a small padded CNN of total stride 16 (four stride-2 3x3 convolutions, 16-32 channels, a Linear head "
+        "made a 4x4 convolution), window mode"
+        if small
+        else f"torchvision {args.model}, window mode (`fcnify.convert`), random weights with batch-norm statistics "
+        "calibrated on random data"
+    )
+    env = common.environment(
+        args.device,
+        args.threads,
+        load_before,
+        load_after,
+        extra=[
+            f"model: {model}; image: random uint8 (H, W, 3) `.npy` memmap on disk, scaled to [0, 1]; tile {args.tile} x "
+            f"{args.tile}, batch 1; {args.repeat} run(s) per size and kind, alternating whole and tiled (median time, "
+            f"largest peak); peak memory before inference (imports, model): {min(base) if base else 0:.0f} MB or more"
+        ],
+    )
     print("\n".join(env + [""] + table))
     if not args.no_write and rows:
         write_section(env, table, common.command("tiled_memory.py", argv), args, small)
@@ -188,8 +219,10 @@ def main(argv=None) -> int:
 
 def write_section(env, table, command, args, small):
     if small:
-        note = ["The small CNN costs little per pixel, so this measures memory: tiled memory stays flat",
-                "while whole-image memory grows with the image."]
+        note = [
+            "The small CNN costs little per pixel, so this measures memory: tiled memory stays flat",
+            "while whole-image memory grows with the image.",
+        ]
     else:
         note = [
             f"Whole-image inference is not run above {args.whole_up_to} x {args.whole_up_to}: at 8192 x 8192 the first",
@@ -200,22 +233,32 @@ def write_section(env, table, command, args, small):
             "column: a 2048 tile keeps 45 of its 58 rows of cells, 52 at the image's edge). That is the price",
             "of bounded memory; a larger tile costs less time and more memory.",
         ]
-    common.write_section("tiled_small" if small else "tiled", [
-        "### Small CNN: memory only" if small else "## Tiled inference on huge images (`benchmarks/tiled_memory.py`)",
-        "",
-        f"From one run of `{command}`. `fcnify.predict_tiled` against whole-image inference of the",
-        "same converted model, each run in a fresh subprocess: peak resident memory of the whole",
-        "process (`ru_maxrss`, torch and fcnify imports included), inference time, and throughput",
-        "(*tiled / whole throughput* = whole time / tiled time; below 1 means tiling is slower).",
-        *note,
-        *([] if small else [
-            "The memory-only case, a small CNN up to 20000 x 20000, is the next table",
-            "(`python benchmarks/tiled_memory.py --model small --sizes 2048 4096 8192 --tile 1024`)."]),
-        "",
-        *common.bullets(env),
-        "",
-        *table,
-    ])
+    common.write_section(
+        "tiled_small" if small else "tiled",
+        [
+            "### Small CNN: memory only"
+            if small
+            else "## Tiled inference on huge images (`benchmarks/tiled_memory.py`)",
+            "",
+            f"From one run of `{command}`. `fcnify.predict_tiled` against whole-image inference of the",
+            "same converted model, each run in a fresh subprocess: peak resident memory of the whole",
+            "process (`ru_maxrss`, torch and fcnify imports included), inference time, and throughput",
+            "(*tiled / whole throughput* = whole time / tiled time; below 1 means tiling is slower).",
+            *note,
+            *(
+                []
+                if small
+                else [
+                    "The memory-only case, a small CNN up to 20000 x 20000, is the next table",
+                    "(`python benchmarks/tiled_memory.py --model small --sizes 2048 4096 8192 --tile 1024`).",
+                ]
+            ),
+            "",
+            *common.bullets(env),
+            "",
+            *table,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -48,21 +48,29 @@ import _common as common  # noqa: E402
 WINDOW = 224
 PEER_STRIDES = [32, 112, 224]
 SECTION = "vs_patches"
-TIA_NOTE = ("TIAToolbox's PatchPredictor was the other candidate; `pip download --no-deps tiatoolbox` gives "
-            "tiatoolbox 2.1.3, whose requirements pin torch<2.13.0, openslide-python<1.4.6, tifffile<2026.3.3 and "
-            "imagecodecs<2026.3.6, below the pinned torch 2.14.1 and the installed readers, so it does not install "
-            "here; MONAI 1.6 does, with torch 2.14")
+TIA_NOTE = (
+    "TIAToolbox's PatchPredictor was the other candidate; `pip download --no-deps tiatoolbox` gives "
+    "tiatoolbox 2.1.3, whose requirements pin torch<2.13.0, openslide-python<1.4.6, tifffile<2026.3.3 and "
+    "imagecodecs<2026.3.6, below the pinned torch 2.14.1 and the installed readers, so it does not install "
+    "here; MONAI 1.6 does, with torch 2.14"
+)
 
 
 # -- the slide ----------------------------------------------------------------------------------
+
 
 def synthetic_slide(size: int, seed: int = 0) -> torch.Tensor:
     """``(1, 3, size, size)``: 512-pixel tiles of scikit-image photos, flipped at random, normalised."""
     import skimage.data
     from skimage.transform import resize
 
-    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket(),
-              skimage.data.immunohistochemistry()]
+    photos = [
+        skimage.data.astronaut(),
+        skimage.data.coffee(),
+        skimage.data.chelsea(),
+        skimage.data.rocket(),
+        skimage.data.immunohistochemistry(),
+    ]
     tiles = [resize(p[..., :3], (512, 512), anti_aliasing=True, preserve_range=True).astype(np.uint8) for p in photos]
     rng = np.random.default_rng(seed)
     n = -(-size // 512)
@@ -81,6 +89,7 @@ def synthetic_slide(size: int, seed: int = 0) -> torch.Tensor:
 
 
 # -- the peer: MONAI ------------------------------------------------------------------------------
+
 
 def monai_patch_logits(model: nn.Module, x: torch.Tensor, stride: int, batch: int) -> torch.Tensor:
     """``(1, K, n, m)``: the model's logits on every 224 patch at ``stride``, via MONAI's PatchInferer.
@@ -109,10 +118,14 @@ def monai_patch_logits(model: nn.Module, x: torch.Tensor, stride: int, batch: in
         raise SystemExit(f"--peer-strides: {stride} does not divide {WINDOW}")
     cells = WINDOW // stride  # an output patch of cells x cells makes MONAI's location scale 1 / stride
     inferer = PatchInferer(
-        splitter=SlidingWindowSplitter(patch_size=(WINDOW, WINDOW), overlap=(WINDOW - stride, WINDOW - stride),
-                                       pad_mode=None),
-        merger_cls=CellMerger, batch_size=batch, match_spatial_shape=False,
-        postprocessing=lambda logits: logits[:, :, None, None].expand(-1, -1, cells, cells))
+        splitter=SlidingWindowSplitter(
+            patch_size=(WINDOW, WINDOW), overlap=(WINDOW - stride, WINDOW - stride), pad_mode=None
+        ),
+        merger_cls=CellMerger,
+        batch_size=batch,
+        match_spatial_shape=False,
+        postprocessing=lambda logits: logits[:, :, None, None].expand(-1, -1, cells, cells),
+    )
     with torch.inference_mode():
         return inferer(x, model)
 
@@ -125,8 +138,16 @@ def compare(peer: torch.Tensor, stride: int, fmap: torch.Tensor, geo) -> tuple:
     rows, cols = (torch.arange(n) * stride for n in peer.shape[2:])
     sy, sx = geo.stride
     oy = ox = 0
-    ii = [(a, (y - oy) // sy) for a, y in enumerate(rows.tolist()) if (y - oy) % sy == 0 and 0 <= (y - oy) // sy < fmap.shape[2]]
-    jj = [(b, (x - ox) // sx) for b, x in enumerate(cols.tolist()) if (x - ox) % sx == 0 and 0 <= (x - ox) // sx < fmap.shape[3]]
+    ii = [
+        (a, (y - oy) // sy)
+        for a, y in enumerate(rows.tolist())
+        if (y - oy) % sy == 0 and 0 <= (y - oy) // sy < fmap.shape[2]
+    ]
+    jj = [
+        (b, (x - ox) // sx)
+        for b, x in enumerate(cols.tolist())
+        if (x - ox) % sx == 0 and 0 <= (x - ox) // sx < fmap.shape[3]
+    ]
     a, i = zip(*ii)
     b, j = zip(*jj)
     p = peer[:, :, list(a)][:, :, :, list(b)]
@@ -137,6 +158,7 @@ def compare(peer: torch.Tensor, stride: int, fmap: torch.Tensor, geo) -> tuple:
 
 
 # -- the control: no padding -------------------------------------------------------------------------
+
 
 def unpadded_cnn() -> nn.Module:
     """A CNN of stride 32 without zero padding: patch logits and map cells must agree exactly."""
@@ -161,13 +183,20 @@ def control(x: torch.Tensor, batch: int) -> str:
 
 # -- main -------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="slide side in pixels (default 4096)")
     parser.add_argument("--tile", type=int, default=2048, help="predict_tiled tile side (default 2048)")
-    parser.add_argument("--sample", type=int, default=736,
-                        help="side of the corner the stride-32 peer runs on, extrapolated (default 736: 289 patches)")
-    parser.add_argument("--peer-strides", type=int, nargs="+", default=PEER_STRIDES, help="peer strides (divisors of 224)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=736,
+        help="side of the corner the stride-32 peer runs on, extrapolated (default 736: 289 patches)",
+    )
+    parser.add_argument(
+        "--peer-strides", type=int, nargs="+", default=PEER_STRIDES, help="peer strides (divisors of 224)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="patches per batch for the peer (default 32)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating timing blocks (default 2)")
     common.add_common_arguments(parser)
@@ -190,7 +219,7 @@ def main(argv=None) -> int:
     shapes = [(t.y1 - t.y0, t.x1 - t.x0) for t in tiles]
     flops_tiled = sum(on_meta(*shape) * shapes.count(shape) for shape in set(shapes))
     flops_patch = common.count_flops(lambda: model(x[:, :, :WINDOW, :WINDOW]))
-    sample = x[:, :, :args.sample, :args.sample]
+    sample = x[:, :, : args.sample, : args.sample]
     counts = {}
     for s in args.peer_strides:
         n = ((sample if s == 32 else x).shape[2] - WINDOW) // s + 1
@@ -198,15 +227,18 @@ def main(argv=None) -> int:
 
     # the timed runs keep their last output for the comparison; warm-up on the sample corner
     out = {}
-    fns = {"fcn(x)": lambda: out.__setitem__("fcn(x)", fcn(x)),
-           "predict_tiled": lambda: out.__setitem__("predict_tiled", fcnify.predict_tiled(
-               fcn, x, tile=args.tile, progress=False))}
+    fns = {
+        "fcn(x)": lambda: out.__setitem__("fcn(x)", fcn(x)),
+        "predict_tiled": lambda: out.__setitem__(
+            "predict_tiled", fcnify.predict_tiled(fcn, x, tile=args.tile, progress=False)
+        ),
+    }
     for s in args.peer_strides:
         part = sample if s == 32 else x
-        fns[f"peer {s}"] = (lambda part=part, s=s: out.__setitem__(s, monai_patch_logits(model, part, s, args.batch)))
+        fns[f"peer {s}"] = lambda part=part, s=s: out.__setitem__(s, monai_patch_logits(model, part, s, args.batch))
     with torch.inference_mode():
         fcn(sample)
-        fcnify.predict_tiled(fcn, x[:, :, :args.tile, :args.tile], tile=args.tile, progress=False)
+        fcnify.predict_tiled(fcn, x[:, :, : args.tile, : args.tile], tile=args.tile, progress=False)
         monai_patch_logits(model, sample, 224, args.batch)
         load_before = common.load_average()
         times = common.time_alternating(fns, runs=1, blocks=args.blocks, warmup=0, device=device)
@@ -221,16 +253,20 @@ def main(argv=None) -> int:
         peer_s = t[f"peer {s}"] / ran * total
         flops_peer = flops_patch * total
         err, top, n = compare(peers[s], s, fmap, geo)
-        rows.append(f"| {s} | {total} | {'all' if ran == total else f'{ran} (extrapolated)'} | {common.fmt_s(peer_s)} | "
-                    f"{common.fmt_s(t['fcn(x)'])} | {common.fmt_s(t['predict_tiled'])} | "
-                    f"{peer_s / t['fcn(x)']:.1f} | {flops_peer / flops_whole:.1f} | "
-                    f"{peer_s / t['predict_tiled']:.1f} | {flops_peer / flops_tiled:.1f} | "
-                    f"{err:.2g} (max abs logit {top:.2g}; {n} windows) |")
+        rows.append(
+            f"| {s} | {total} | {'all' if ran == total else f'{ran} (extrapolated)'} | {common.fmt_s(peer_s)} | "
+            f"{common.fmt_s(t['fcn(x)'])} | {common.fmt_s(t['predict_tiled'])} | "
+            f"{peer_s / t['fcn(x)']:.1f} | {flops_peer / flops_whole:.1f} | "
+            f"{peer_s / t['predict_tiled']:.1f} | {flops_peer / flops_tiled:.1f} | "
+            f"{err:.2g} (max abs logit {top:.2g}; {n} windows) |"
+        )
     ctrl = control(x, args.batch)
-    header = ["| peer stride | patches | peer ran | peer (s) | fcn(x) (s) | predict_tiled (s) | speedup vs fcn(x) | "
-              "FLOP ratio vs fcn(x) | speedup vs predict_tiled | FLOP ratio vs predict_tiled | "
-              "max abs diff, peer patch vs fcnify cell |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = [
+        "| peer stride | patches | peer ran | peer (s) | fcn(x) (s) | predict_tiled (s) | speedup vs fcn(x) | "
+        "FLOP ratio vs fcn(x) | speedup vs predict_tiled | FLOP ratio vs predict_tiled | "
+        "max abs diff, peer patch vs fcnify cell |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     print("\n".join(header + rows))
     print(f"predict_tiled vs fcn(x): max abs diff {tiled_err:.1e}; control (no padding): {ctrl}")
 
@@ -241,15 +277,19 @@ def main(argv=None) -> int:
     if 32 in counts:
         ratio32 = flops_patch * counts[32][1] / flops_whole
         speed32 = t["peer 32"] / counts[32][0] * counts[32][1] / t["fcn(x)"]
-        reading.append(f"at stride 32, for the same {cells} windows, `fcn(x)` is {speed32:.0f}x faster than the peer at a "
-                       f"FLOP ratio of {ratio32:.0f}: the one pass runs at {speed32 / ratio32:.0%} of the FLOP rate of "
-                       "the peer's batches of 224 patches (not profiled; a likely cause below 100% is the whole slide's activations, far larger than the "
-                       "CPU's caches; the tiles of `predict_tiled` also recompute their overlap)")
+        reading.append(
+            f"at stride 32, for the same {cells} windows, `fcn(x)` is {speed32:.0f}x faster than the peer at a "
+            f"FLOP ratio of {ratio32:.0f}: the one pass runs at {speed32 / ratio32:.0%} of the FLOP rate of "
+            "the peer's batches of 224 patches (not profiled; a likely cause below 100% is the whole slide's activations, far larger than the "
+            "CPU's caches; the tiles of `predict_tiled` also recompute their overlap)"
+        )
     for s in others:
         peer_s = t[f"peer {s}"] / counts[s][0] * counts[s][1]
-        reading.append(f"at the peer's stride {s}, the peer does {flops_patch * counts[s][1] / flops_whole:.1f}x the "
-                       f"work of `fcn(x)` and takes {peer_s / t['fcn(x)']:.1f}x its time, for {cells / counts[s][1]:.0f}x "
-                       "fewer cells")
+        reading.append(
+            f"at the peer's stride {s}, the peer does {flops_patch * counts[s][1] / flops_whole:.1f}x the "
+            f"work of `fcn(x)` and takes {peer_s / t['fcn(x)']:.1f}x its time, for {cells / counts[s][1]:.0f}x "
+            "fewer cells"
+        )
     body = [
         "## fcnify vs a patch-by-patch peer, MONAI (`benchmarks/vs_patches.py`)",
         "",
@@ -276,14 +316,23 @@ def main(argv=None) -> int:
         "  near the FLOP ratio means both run at the same FLOP rate: the gain is the work not done twice.",
         "- *max abs diff*: peer logits vs fcnify's cell for the same window (same top-left pixel), over the",
         "  windows both have. Not zero, and not meant to be: resnet18 pads its convolutions with zeros, so a",
-        "  patch sees zeros beyond its edges where the map sees the neighbouring pixels (README, \"Modes\").",
+        '  patch sees zeros beyond its edges where the map sees the neighbouring pixels (README, "Modes").',
         f"  Control with a padding-free CNN of stride 32, same pipeline and comparison: {ctrl}.",
         "",
-        *common.bullets(common.environment(device, args.threads, load_before, load_after,
-                                           libraries=("torchvision", "monai"),
-                                           extra=[f"timing: {args.blocks} alternating blocks of one run of each variant, "
-                                                  "after an untimed warm-up on the sample corner; medians. FLOPs counted "
-                                                  "from shapes (the models on the meta device)"])),
+        *common.bullets(
+            common.environment(
+                device,
+                args.threads,
+                load_before,
+                load_after,
+                libraries=("torchvision", "monai"),
+                extra=[
+                    f"timing: {args.blocks} alternating blocks of one run of each variant, "
+                    "after an untimed warm-up on the sample corner; medians. FLOPs counted "
+                    "from shapes (the models on the meta device)"
+                ],
+            )
+        ),
         "",
         *header,
         *rows,

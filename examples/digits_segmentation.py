@@ -63,8 +63,14 @@ def classifier() -> nn.Module:
     """Five stages of (3x3 stride-2 conv, 3x3 conv), BN and ReLU: stride 32; pool + Linear head."""
     layers, channels = [], 1
     for width in (16, 32, 48, 64, 64):
-        layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                   nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [
+            nn.Conv2d(channels, width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
         channels = width
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
 
@@ -94,8 +100,9 @@ def scores(model, images, masks, batch=50):
         for start in range(0, len(images), batch):
             pred = model(images[start : start + batch]).argmax(1)
             truth = masks[start : start + batch]
-            confusion += torch.bincount(truth.flatten() * NUM_CLASSES + pred.flatten(),
-                                        minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES)
+            confusion += torch.bincount(truth.flatten() * NUM_CLASSES + pred.flatten(), minlength=NUM_CLASSES**2).view(
+                NUM_CLASSES, NUM_CLASSES
+            )
     tp = confusion.diag().double()
     union = confusion.sum(0).double() + confusion.sum(1).double() - tp
     iou = tp[union > 0] / union[union > 0]
@@ -142,26 +149,33 @@ def main(argv=None) -> dict:
     test_x[:, :, 8 : 8 + DIGIT, 8 : 8 + DIGIT] = xt
     with torch.no_grad():
         acc = (net(test_x).argmax(1) == yt).float().mean().item()
-    print(f"classifier: {args.pretrain_steps} steps, held-out digit accuracy {acc:.3f} "
-          f"({time.perf_counter() - start:.0f} s)")
+    print(
+        f"classifier: {args.pretrain_steps} steps, held-out digit accuracy {acc:.3f} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
 
     train_set = canvases(x, y, train_count, args.size, 3, generator)
     test_set = canvases(xt, yt, test_count, args.size, 3, generator)
     background = (test_set[1] == 0).float().mean().item()
-    print(f"segmentation: {train_count} training and {test_count} test canvases of {args.size}x{args.size}, "
-          f"3 digits each; background is {background:.1%} of the test pixels")
+    print(
+        f"segmentation: {train_count} training and {test_count} test canvases of {args.size}x{args.size}, "
+        f"3 digits each; background is {background:.1%} of the test pixels"
+    )
 
     results = {}
     for skips in [(), "auto"]:
         t = time.perf_counter()
         torch.manual_seed(args.seed)
-        seg = fcnify.segmenter(net, num_classes=NUM_CLASSES, input_size=(PRETRAIN_SIZE, PRETRAIN_SIZE), skips=skips,
-                               upsample="transposed")
+        seg = fcnify.segmenter(
+            net, num_classes=NUM_CLASSES, input_size=(PRETRAIN_SIZE, PRETRAIN_SIZE), skips=skips, upsample="transposed"
+        )
         train_segmenter(seg, *train_set, args.steps, args.seed, args.background_weight)
         pixel_acc, miou = scores(seg, *test_set)
         results[seg.variant] = (pixel_acc, miou)
-        print(f"{seg.variant:<8} skips={seg.skips!s:<28} pixel accuracy {pixel_acc:.3f}  mean IoU {miou:.3f}  "
-              f"({args.steps} steps, {time.perf_counter() - t:.0f} s)")
+        print(
+            f"{seg.variant:<8} skips={seg.skips!s:<28} pixel accuracy {pixel_acc:.3f}  mean IoU {miou:.3f}  "
+            f"({args.steps} steps, {time.perf_counter() - t:.0f} s)"
+        )
     print(f"total {time.perf_counter() - start:.0f} s")
     return results
 

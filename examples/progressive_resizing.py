@@ -45,9 +45,14 @@ def at_size(x: torch.Tensor, size: int) -> torch.Tensor:
 def lenet() -> nn.Module:
     """Trained at 16x16: two conv-pool stages leave a 32x4x4 map, flattened into a Linear."""
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )
 
 
@@ -109,8 +114,10 @@ def main(argv=None) -> dict:
         curves[name] = train(model, x32, y, args.steps, args.seed + 2, test=test32)
     targets = (0.90, 0.95, 0.97)
     print(f"\nfine-tuning at 32x32, {args.steps} steps, same seed, batches and Adam(lr=1e-3):")
-    print(f"{'head':<20} {'acc@0':>6} {'acc@10':>7} {'acc@50':>7} {'final':>6}  " +
-          "  ".join(f"steps to {t:.0%}" for t in targets))
+    print(
+        f"{'head':<20} {'acc@0':>6} {'acc@10':>7} {'acc@50':>7} {'final':>6}  "
+        + "  ".join(f"steps to {t:.0%}" for t in targets)
+    )
     at = lambda curve, s: next((a for st, a in curve if st >= s), curve[-1][1])  # noqa: E731
     for name, curve in curves.items():
         reached = "  ".join(f"{str(steps_to(curve, t)):>12}" for t in targets)

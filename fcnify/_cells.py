@@ -130,5 +130,7 @@ def _cells(cells: Tuple[int, ...]) -> List[Tuple[int, int]]:
     chosen = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, w // 2)]
     generator = torch.Generator().manual_seed(0)
     for _ in range(_RANDOM_CELLS):
-        chosen.append((int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator))))
+        chosen.append(
+            (int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator)))
+        )
     return list(dict.fromkeys(chosen))

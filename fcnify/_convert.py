@@ -18,7 +18,14 @@ from ._errors import FcnifyError, UnsupportedModelError, VerificationError, firs
 from ._rewrite import MODES, Context, Rewrite, rewrite_head
 from ._cells import cell_check, head_module
 from ._trace import (
-    ShapeRun, check_memory, describe_node, eliminate_dead_code, eval_mode, record_shapes, safe_deepcopy, second_size,
+    ShapeRun,
+    check_memory,
+    describe_node,
+    eliminate_dead_code,
+    eval_mode,
+    record_shapes,
+    safe_deepcopy,
+    second_size,
     trace,
 )
 from .rules import DEFAULT_RULES
@@ -134,8 +141,7 @@ def _first_conv_channels(model: nn.Module, gm: Optional[fx.GraphModule]) -> int:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     raise FcnifyError(
-        f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d. "
-        "Hint: pass input_size=(C, H, W)."
+        f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d. Hint: pass input_size=(C, H, W)."
     )
 
 
@@ -231,7 +237,9 @@ def prepare(
     for mode in modes:
         if mode not in MODES:
             raise FcnifyError(f"unknown mode {mode!r}. Hint: use one of {', '.join(MODES)}.")
-    if output_stride is not None and (isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride < 1):
+    if output_stride is not None and (
+        isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride < 1
+    ):
         raise FcnifyError(
             f"output_stride must be a positive integer, got {output_stride!r}. Hint: output_stride=16, 8, 4, 2 or 1."
         )
@@ -241,7 +249,9 @@ def prepare(
     probe = second_size(size[1:])
     dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
     check_memory(
-        gm, (batch, size[0], *probe), dtype,
+        gm,
+        (batch, size[0], *probe),
+        dtype,
         f"converting {type(model).__name__} at input_size {size[1]}x{size[2]} (its probe run)",
         "input_size is the training size (e.g. 224x224), not the size of the images to run on; convert at "
         "the training size, then run large images with fcnify.predict_tiled.",
@@ -274,7 +284,9 @@ def _materialized(model: nn.Module, input_size: Optional[Sequence[int]]) -> nn.M
     return copy_.train(model.training)
 
 
-def build(model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol: Optional[float] = None) -> fx.GraphModule:
+def build(
+    model: nn.Module, traced: Traced, mode: str, verify: bool = True, rtol: Optional[float] = None
+) -> fx.GraphModule:
     """Rewrite ``traced`` in ``mode``, probe it at the larger size and verify it (second half of convert)."""
     start = time.perf_counter()
     gm, size = traced.gm, traced.size
@@ -343,8 +355,6 @@ def _restore_training(fcn: nn.Module, model: nn.Module) -> None:
         m.training = flags.get(name, model.training)
 
 
-
-
 def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
     """Per output leaf: which exact check applies at the training size."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -362,8 +372,14 @@ def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
 
 
 def _probe_cells(
-    gm: fx.GraphModule, ctx: Context, fcn: fx.GraphModule, run2: ShapeRun, head_inputs: List[fx.Node],
-    checks: List[str], rtol: float, probe: Tuple[int, int],
+    gm: fx.GraphModule,
+    ctx: Context,
+    fcn: fx.GraphModule,
+    run2: ShapeRun,
+    head_inputs: List[fx.Node],
+    checks: List[str],
+    rtol: float,
+    probe: Tuple[int, int],
 ) -> Optional[OutputCheck]:
     """At the probe size, cells of the map against the original head on their windows (see ``_cells``)."""
     if ctx.mode == "global":

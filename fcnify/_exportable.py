@@ -22,7 +22,10 @@ from torch import Tensor, fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
-    "exportable", "shifted_window_attention", "adaptive_avg_pool2d", "scaled_dot_product_attention",
+    "exportable",
+    "shifted_window_attention",
+    "adaptive_avg_pool2d",
+    "scaled_dot_product_attention",
     "MultiScaleFusion",
 ]
 
@@ -192,6 +195,7 @@ def scaled_dot_product_attention(
     if lead is not None:
         return out.reshape(*lead, *out.shape[-3:])
     return out.flatten(0, 4 - rank)
+
 
 class MultiScaleFusion(nn.Module):
     """timm's ``MobileNetV5MultiScaleFusionAdapter`` (MobileNetV5's MSFA) without branches on the size.

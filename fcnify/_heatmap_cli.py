@@ -23,19 +23,42 @@ def add_parser(sub: Any, size: Callable[[str], Tuple[int, int]]) -> None:
     heat.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...) or an (H, W, 3) .npy array")
     source = heat.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
-    source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
-    heat.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a whole model saved with "
-                        "torch.save(model): unpickling runs code from the file, so only for files you trust")
-    heat.add_argument("--class", dest="classes", action="append", metavar="NAME_OR_ID",
-                      help="a class to draw, by index or name (repeat for more); default: the --top classes")
-    heat.add_argument("--top", type=int, default=3, metavar="K", help="how many classes when --class is not given (default 3)")
+    source.add_argument(
+        "--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)"
+    )
+    heat.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a whole model saved with "
+        "torch.save(model): unpickling runs code from the file, so only for files you trust",
+    )
+    heat.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME_OR_ID",
+        help="a class to draw, by index or name (repeat for more); default: the --top classes",
+    )
+    heat.add_argument(
+        "--top", type=int, default=3, metavar="K", help="how many classes when --class is not given (default 3)"
+    )
     heat.add_argument("-o", "--output", metavar="PNG", help="where to write the picture; default: IMAGE-heatmap.png")
-    heat.add_argument("--input-size", type=size, metavar="HxW", help="training size (default: from the weights' metadata)")
-    heat.add_argument("--mode", choices=("window", "dense"), default="window",
-                      help="window: the classifier on every training-size window (default); dense: per feature cell")
+    heat.add_argument(
+        "--input-size", type=size, metavar="HxW", help="training size (default: from the weights' metadata)"
+    )
+    heat.add_argument(
+        "--mode",
+        choices=("window", "dense"),
+        default="window",
+        help="window: the classifier on every training-size window (default); dense: per feature cell",
+    )
     heat.add_argument("--output-stride", type=int, metavar="S", help="a finer map, e.g. 16 or 8 (default: native)")
-    heat.add_argument("--tile", type=size, metavar="HxW", help="run tile by tile with this tile size "
-                      "(default: automatic for images above 2048x2048)")
+    heat.add_argument(
+        "--tile",
+        type=size,
+        metavar="HxW",
+        help="run tile by tile with this tile size (default: automatic for images above 2048x2048)",
+    )
 
 
 def _normalization(model: Any, name: str) -> Any:
@@ -67,14 +90,23 @@ def run(args: argparse.Namespace) -> int:
     if input_size is None:
         raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
     fcn = convert(model, input_size=input_size, mode=args.mode, output_stride=args.output_stride)
-    result = heatmap(fcn, args.image, classes=args.classes, top=args.top,
-                     normalize=_normalization(model, args.model), tile=args.tile, progress=True)
+    result = heatmap(
+        fcn,
+        args.image,
+        classes=args.classes,
+        top=args.top,
+        normalize=_normalization(model, args.model),
+        tile=args.tile,
+        progress=True,
+    )
     path = args.output or os.path.splitext(os.path.basename(args.image))[0] + "-heatmap.png"
     render_heatmap(result, path)
     geo = result.geometry
     h, w = result.cells.shape[1:]
-    print(f"{args.model}: {h}x{w} cells of stride {geo.stride[0]} over a {result.image_size[0]}x"
-          f"{result.image_size[1]} image (each cell sees {geo.receptive_field[0]}x{geo.receptive_field[1]} pixels)")
+    print(
+        f"{args.model}: {h}x{w} cells of stride {geo.stride[0]} over a {result.image_size[0]}x"
+        f"{result.image_size[1]} image (each cell sees {geo.receptive_field[0]}x{geo.receptive_field[1]} pixels)"
+    )
     for k, (index, name) in enumerate(zip(result.classes, result.names)):
         peak, (y, x) = result.peak(k)
         print(f"  {index:>4} {name}: peak probability {peak:.3f} at (y={y:.0f}, x={x:.0f})")

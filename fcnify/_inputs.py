@@ -50,7 +50,9 @@ def as_batch(model: nn.Module, x: Any, where: str, device: Union[None, str, torc
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
-        raise FcnifyError(f"{where} takes (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}. Hint: add the batch axis.")
+        raise FcnifyError(
+            f"{where} takes (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}. Hint: add the batch axis."
+        )
     if not x.is_floating_point():
         raise FcnifyError(
             f"{where} takes floating-point images, got {x.dtype}. Hint: scale to [0, 1] first, e.g. x.float() / 255 "

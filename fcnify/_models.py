@@ -27,8 +27,13 @@ from ._lite0 import LITE0_NAME, load_lite0
 
 __all__ = ["load_model", "load_weights"]
 
-_PREFIXES = {"timm/": "timm", "timm:": "timm", "torchvision/": "torchvision", "torchvision:": "torchvision",
-             "tv/": "torchvision"}
+_PREFIXES = {
+    "timm/": "timm",
+    "timm:": "timm",
+    "torchvision/": "torchvision",
+    "torchvision:": "torchvision",
+    "tv/": "torchvision",
+}
 
 
 def _torchvision_names():
@@ -107,7 +112,7 @@ def _is_library_name(name: str) -> bool:
 def _resolve(name: str) -> Tuple[str, str]:
     for prefix, library in _PREFIXES.items():
         if name.startswith(prefix):
-            bare = name[len(prefix):]
+            bare = name[len(prefix) :]
             known = _torchvision_names() if library == "torchvision" else _timm_names()
             if bare not in known:
                 raise _unknown(name, [prefix + n for n in known])
@@ -125,7 +130,11 @@ def _resolve(name: str) -> Tuple[str, str]:
 
 def _unknown(name: str, known) -> ModelLoadError:
     close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "list names with `python -c 'import timm; print(timm.list_models())'`."
+    hint = (
+        f"did you mean {', '.join(close)}?"
+        if close
+        else "list names with `python -c 'import timm; print(timm.list_models())'`."
+    )
     return ModelLoadError(f"unknown model '{name}' (not in torchvision or timm). Hint: {hint}")
 
 
@@ -208,8 +217,9 @@ def _load_model_file(path: str, trust: bool = False) -> nn.Module:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:
-            raise ModelLoadError(f"cannot read model file {path}: {first_line(err2)}. "
-                                 "Hint: save models with torch.save(model, path).") from err2
+            raise ModelLoadError(
+                f"cannot read model file {path}: {first_line(err2)}. Hint: save models with torch.save(model, path)."
+            ) from err2
     except Exception as err:
         raise ModelLoadError(
             f"cannot read model file {path}: {type(err).__name__}: {first_line(err)}. "
@@ -244,7 +254,7 @@ def _read_state_dict(path: str) -> Dict[str, Any]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path} does not hold a state dict of tensors. Hint: save model.state_dict().")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -254,7 +264,11 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):

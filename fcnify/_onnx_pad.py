@@ -43,14 +43,21 @@ def guard_zero_pad_before_max_pool(path: str) -> int:
 
     def feeds_max_pool(value: str) -> bool:
         for node in consumers.get(value, []):
-            if node.op_type == "MaxPool" or (node.op_type == "Cast"
-                                             and any(feeds_max_pool(out) for out in node.output)):
+            if node.op_type == "MaxPool" or (
+                node.op_type == "Cast" and any(feeds_max_pool(out) for out in node.output)
+            ):
                 return True
         return False
 
     constants = _constants(graph)
-    pads = [n for n in graph.node if n.op_type == "Pad" and n.domain in ("", "ai.onnx")
-            and _is_zero_constant_pad(n, constants) and feeds_max_pool(n.output[0])]
+    pads = [
+        n
+        for n in graph.node
+        if n.op_type == "Pad"
+        and n.domain in ("", "ai.onnx")
+        and _is_zero_constant_pad(n, constants)
+        and feeds_max_pool(n.output[0])
+    ]
     for i, pad in enumerate(pads):
         value = pad.output[0]
         guarded = f"{GUARD}_{i}"

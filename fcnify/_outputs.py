@@ -41,8 +41,17 @@ Window = Tuple[int, int, int, int]  # y0, y1, x0, x1 in cells
 
 TILE = 256  # TIFF / GeoTIFF tile edge, and the window read from the store at a time
 FORMATS = ("zarr", "tiff", "geotiff", "geojson")
-_ALIASES = {"zarr": "zarr", "tiff": "tiff", "tif": "tiff", "ome-tiff": "tiff", "ome.tiff": "tiff",
-            "geotiff": "geotiff", "gtiff": "geotiff", "geojson": "geojson", "json": "geojson"}
+_ALIASES = {
+    "zarr": "zarr",
+    "tiff": "tiff",
+    "tif": "tiff",
+    "ome-tiff": "tiff",
+    "ome.tiff": "tiff",
+    "geotiff": "geotiff",
+    "gtiff": "geotiff",
+    "geojson": "geojson",
+    "json": "geojson",
+}
 _EXTENSIONS = {".zarr": "zarr", ".tif": "tiff", ".tiff": "tiff", ".geojson": "geojson", ".json": "geojson"}
 
 
@@ -58,11 +67,13 @@ def _require(module: str, extra: Optional[str]) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         package = f"'fcnify[{extra}]'" if extra else module
-        raise OutputError(f"this output needs {module}, which is not installed ({err}). "
-                          f"Hint: pip install {package}.") from err
+        raise OutputError(
+            f"this output needs {module}, which is not installed ({err}). Hint: pip install {package}."
+        ) from err
 
 
 # -- the store ----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _ScoreMap:
@@ -108,24 +119,32 @@ def _open(store: Any) -> _ScoreMap:
         group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
         scores = group["scores"]
     except (KeyError, FileNotFoundError, ValueError, TypeError) as err:  # zarr's errors for a store of another kind
-        raise OutputError(f"{where} is not a class map store ({type(err).__name__}: {err}). "
-                          "Hint: pass a store written by fcnify.predict (a Zarr group with an array 'scores').") from err
+        raise OutputError(
+            f"{where} is not a class map store ({type(err).__name__}: {err}). "
+            "Hint: pass a store written by fcnify.predict (a Zarr group with an array 'scores')."
+        ) from err
     attrs = dict(group.attrs.get("fcnify") or {})
     if scores.ndim != 3 or not attrs:
-        raise OutputError(f"{where}: 'scores' has shape {tuple(scores.shape)} and the attributes "
-                          f"{'have no' if not attrs else 'have a'} 'fcnify' entry; fcnify writes (K, h, w) with one. "
-                          "Hint: pass a store written by fcnify.predict.")
+        raise OutputError(
+            f"{where}: 'scores' has shape {tuple(scores.shape)} and the attributes "
+            f"{'have no' if not attrs else 'have a'} 'fcnify' entry; fcnify writes (K, h, w) with one. "
+            "Hint: pass a store written by fcnify.predict."
+        )
     try:
         stride = tuple(float(v) for v in attrs["stride"])
         offset = tuple(float(v) for v in attrs["offset"])
     except (KeyError, TypeError, ValueError) as err:
-        raise OutputError(f"{where}: the 'fcnify' attributes have no valid stride and offset ({err!r}). "
-                          "Hint: pass a store written by fcnify.predict.") from err
+        raise OutputError(
+            f"{where}: the 'fcnify' attributes have no valid stride and offset ({err!r}). "
+            "Hint: pass a store written by fcnify.predict."
+        ) from err
     k = int(scores.shape[0])
     classes = [str(c) for c in (attrs.get("classes") or range(k))]
     if len(classes) != k:
-        raise OutputError(f"{where}: {len(classes)} class names for {k} score planes. "
-                          "Hint: the store's 'classes' attribute must name every plane of 'scores'.")
+        raise OutputError(
+            f"{where}: {len(classes)} class names for {k} score planes. "
+            "Hint: the store's 'classes' attribute must name every plane of 'scores'."
+        )
     level0 = None
     if attrs.get("affine") is not None:
         level0 = tuple(float(v) for v in attrs["affine"])[:6]
@@ -133,8 +152,17 @@ def _open(store: Any) -> _ScoreMap:
         c, a, b, f, d, e = (float(v) for v in attrs["transform"])
         level0 = (a, b, c, d, e, f)
     mpp = attrs.get("mpp")
-    return _ScoreMap(scores=scores, where=where, classes=classes, stride=stride, offset=offset,  # type: ignore[arg-type]
-                     mpp=float(mpp) if mpp else None, crs=attrs.get("crs") or None, level0=level0, attrs=attrs)
+    return _ScoreMap(
+        scores=scores,
+        where=where,
+        classes=classes,
+        stride=stride,
+        offset=offset,  # type: ignore[arg-type]
+        mpp=float(mpp) if mpp else None,
+        crs=attrs.get("crs") or None,
+        level0=level0,
+        attrs=attrs,
+    )
 
 
 def _select(smap: _ScoreMap, classes: Any) -> List[int]:
@@ -152,8 +180,10 @@ def _select(smap: _ScoreMap, classes: Any) -> List[int]:
             indices.append(int(c) % len(smap.classes))
         else:
             shown = ", ".join(smap.classes[:10]) + (", ..." if len(smap.classes) > 10 else "")
-            raise OutputError(f"class {c!r} is not in {smap.where} ({len(smap.classes)} classes: {shown}). "
-                              "Hint: pass class names or indices from the store's 'classes'.")
+            raise OutputError(
+                f"class {c!r} is not in {smap.where} ({len(smap.classes)} classes: {shown}). "
+                "Hint: pass class names or indices from the store's 'classes'."
+            )
     return indices
 
 
@@ -165,6 +195,7 @@ def _windows(shape: Tuple[int, int], tile: int = TILE) -> Iterator[Window]:
 
 
 # -- what is written: score planes or label planes ----------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _Planes:
@@ -198,8 +229,10 @@ def _planes(smap: _ScoreMap, classes: Any, top: Optional[int]) -> _Planes:
     if top is None:
         return _Planes(scores, len(chosen), smap.shape, np.dtype(np.float32), [smap.classes[k] for k in chosen], np.nan)
     if not 1 <= int(top) <= len(chosen):
-        raise OutputError(f"top={top} with {len(chosen)} classes. Hint: top counts the best classes per cell, "
-                          f"1 (the argmax label map) to {len(chosen)}.")
+        raise OutputError(
+            f"top={top} with {len(chosen)} classes. Hint: top counts the best classes per cell, "
+            f"1 (the argmax label map) to {len(chosen)}."
+        )
     top = int(top)
     dtype: np.dtype = np.dtype(np.uint8 if len(smap.classes) < 255 else np.uint16)
     fill = 255 if dtype == np.uint8 else 65535
@@ -242,20 +275,26 @@ def _pyramid(planes: _Planes, scratch: str, smallest: int = TILE) -> List[_Plane
     while max(levels[-1].shape) > smallest:
         prev = levels[-1]
         shape = ((prev.shape[0] + 1) // 2, (prev.shape[1] + 1) // 2)
-        array = zarr.create_array(os.path.join(scratch, f"level{len(levels)}.zarr"), shape=(prev.count, *shape),
-                                  chunks=(prev.count, TILE, TILE), dtype=prev.dtype, fill_value=prev.fill)
+        array = zarr.create_array(
+            os.path.join(scratch, f"level{len(levels)}.zarr"),
+            shape=(prev.count, *shape),
+            chunks=(prev.count, TILE, TILE),
+            dtype=prev.dtype,
+            fill_value=prev.fill,
+        )
         for y0, y1, x0, x1 in _windows(shape):
             array[:, y0:y1, x0:x1] = _halve(prev.read((2 * y0, 2 * y1, 2 * x0, 2 * x1)), prev.labels)
 
         def read(window: Window, array: Any = array) -> np.ndarray:
             y0, y1, x0, x1 = window
-            return np.asarray(array[:, y0:min(y1, array.shape[1]), x0:min(x1, array.shape[2])])
+            return np.asarray(array[:, y0 : min(y1, array.shape[1]), x0 : min(x1, array.shape[2])])
 
         levels.append(dataclasses.replace(prev, read=read, shape=shape))
     return levels
 
 
 # -- safe output files --------------------------------------------------------------------------
+
 
 def _same_or_inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
@@ -288,8 +327,18 @@ def _replacing(path: PathLike, force: bool, smap: _ScoreMap) -> Iterator[str]:
 
 # -- TIFF ---------------------------------------------------------------------------------------
 
-def write_tiff(store: Any, path: PathLike, *, classes: Any = None, top: Optional[int] = None, pyramid: bool = True,
-               layout: str = "ome", compression: str = "zlib", force: bool = False) -> str:
+
+def write_tiff(
+    store: Any,
+    path: PathLike,
+    *,
+    classes: Any = None,
+    top: Optional[int] = None,
+    pyramid: bool = True,
+    layout: str = "ome",
+    compression: str = "zlib",
+    force: bool = False,
+) -> str:
     """Write a store's class map as a tiled, pyramidal TIFF, tile by tile.
 
     Args:
@@ -324,22 +373,32 @@ def write_tiff(store: Any, path: PathLike, *, classes: Any = None, top: Optional
     smap = _open(store)
     planes = _planes(smap, classes, top)
     if layout == "generic" and planes.count > 1:
-        raise OutputError(f"layout='generic' holds one plane; {planes.count} asked ({', '.join(planes.names[:5])}). "
-                          "Hint: choose one class (classes='name'), top=1, or layout='ome'.")
-    with _replacing(path, force, smap) as tmp, tempfile.TemporaryDirectory(
-            prefix=".fcnify-pyramid-", dir=os.path.dirname(tmp)) as scratch:
+        raise OutputError(
+            f"layout='generic' holds one plane; {planes.count} asked ({', '.join(planes.names[:5])}). "
+            "Hint: choose one class (classes='name'), top=1, or layout='ome'."
+        )
+    with (
+        _replacing(path, force, smap) as tmp,
+        tempfile.TemporaryDirectory(prefix=".fcnify-pyramid-", dir=os.path.dirname(tmp)) as scratch,
+    ):
         levels = _pyramid(planes, scratch) if pyramid else [planes]
         size = None if smap.mpp is None else (smap.stride[0] * smap.mpp, smap.stride[1] * smap.mpp)  # um per cell
         ome = layout == "ome"
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=ome) as tif:
             for n, level in enumerate(levels):
                 options: Dict[str, Any] = dict(
-                    shape=(level.count, *level.shape) if level.count > 1 else level.shape, dtype=level.dtype,
-                    tile=(TILE, TILE), photometric="minisblack", compression=compression,
-                    subfiletype=1 if n else 0, software="fcnify")
+                    shape=(level.count, *level.shape) if level.count > 1 else level.shape,
+                    dtype=level.dtype,
+                    tile=(TILE, TILE),
+                    photometric="minisblack",
+                    compression=compression,
+                    subfiletype=1 if n else 0,
+                    software="fcnify",
+                )
                 if size is not None:  # pixels per centimetre, X then Y
-                    options.update(resolution=(1e4 / (size[1] * 2 ** n), 1e4 / (size[0] * 2 ** n)),
-                                   resolutionunit="CENTIMETER")
+                    options.update(
+                        resolution=(1e4 / (size[1] * 2**n), 1e4 / (size[0] * 2**n)), resolutionunit="CENTIMETER"
+                    )
                 if n == 0:
                     options["metadata"] = _tiff_metadata(smap, level, size) if ome else None
                     if ome and len(levels) > 1:
@@ -363,8 +422,11 @@ def _summary(smap: _ScoreMap) -> Dict[str, Any]:
 
 
 def _tiff_metadata(smap: _ScoreMap, level: _Planes, size: Optional[Tuple[float, float]]) -> Dict[str, Any]:
-    meta: Dict[str, Any] = {"axes": "CYX" if level.count > 1 else "YX", "Channel": {"Name": level.names},
-                            "Description": json.dumps({"fcnify": _summary(smap)})}
+    meta: Dict[str, Any] = {
+        "axes": "CYX" if level.count > 1 else "YX",
+        "Channel": {"Name": level.names},
+        "Description": json.dumps({"fcnify": _summary(smap)}),
+    }
     if size is not None:
         meta.update(PhysicalSizeY=size[0], PhysicalSizeYUnit="µm", PhysicalSizeX=size[1], PhysicalSizeXUnit="µm")
     return meta
@@ -372,8 +434,16 @@ def _tiff_metadata(smap: _ScoreMap, level: _Planes, size: Optional[Tuple[float, 
 
 # -- GeoTIFF ------------------------------------------------------------------------------------
 
-def write_geotiff(store: Any, path: PathLike, *, classes: Any = None, top: Optional[int] = None,
-                  overviews: bool = True, force: bool = False) -> str:
+
+def write_geotiff(
+    store: Any,
+    path: PathLike,
+    *,
+    classes: Any = None,
+    top: Optional[int] = None,
+    overviews: bool = True,
+    force: bool = False,
+) -> str:
     """Write a store's class map as a GeoTIFF that lies on the scene it was computed from.
 
     The GeoTIFF's pixel is the map's cell: its pixel -> CRS affine is the scene's level-0 affine
@@ -406,9 +476,21 @@ def write_geotiff(store: Any, path: PathLike, *, classes: Any = None, top: Optio
     smap = _open(store)
     planes = _planes(smap, classes, top)
     h, w = planes.shape
-    profile = dict(driver="GTiff", width=w, height=h, count=planes.count, dtype=planes.dtype.name,
-                   transform=smap.world_affine(), crs=smap.crs if smap.level0 is not None else None, nodata=planes.fill,
-                   tiled=True, blockxsize=TILE, blockysize=TILE, compress="deflate", BIGTIFF="IF_SAFER")
+    profile = dict(
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=planes.count,
+        dtype=planes.dtype.name,
+        transform=smap.world_affine(),
+        crs=smap.crs if smap.level0 is not None else None,
+        nodata=planes.fill,
+        tiled=True,
+        blockxsize=TILE,
+        blockysize=TILE,
+        compress="deflate",
+        BIGTIFF="IF_SAFER",
+    )
     if h < TILE or w < TILE:  # GDAL wants whole tiles inside the raster... or a strip layout
         profile.update(tiled=False, blockxsize=None, blockysize=None)
         profile = {k: v for k, v in profile.items() if v is not None}
@@ -421,7 +503,7 @@ def write_geotiff(store: Any, path: PathLike, *, classes: Any = None, top: Optio
                 for band, name in enumerate(planes.names, start=1):
                     dst.set_band_description(band, name)
                 dst.update_tags(fcnify=json.dumps(_summary(smap)))
-                factors = [2 ** n for n in range(1, 32) if max(h, w) / 2 ** n >= TILE / 2]
+                factors = [2**n for n in range(1, 32) if max(h, w) / 2**n >= TILE / 2]
                 if overviews and factors:
                     dst.build_overviews(factors, Resampling.nearest if planes.labels else Resampling.average)
     return os.fspath(path)
@@ -430,12 +512,32 @@ def write_geotiff(store: Any, path: PathLike, *, classes: Any = None, top: Optio
 # -- GeoJSON ------------------------------------------------------------------------------------
 
 # QuPath-style colours for classes 0, 1, 2, ... (cycled)
-_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
+_COLOURS = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+]
 
 
-def write_geojson(store: Any, path: PathLike, *, classes: Any = None, threshold: float = 0.5,
-                  probabilities: bool = True, connectivity: int = 4, force: bool = False) -> str:
+def write_geojson(
+    store: Any,
+    path: PathLike,
+    *,
+    classes: Any = None,
+    threshold: float = 0.5,
+    probabilities: bool = True,
+    connectivity: int = 4,
+    force: bool = False,
+) -> str:
     """Write polygons of the cells above a threshold, per class, as a GeoJSON QuPath imports.
 
     Each connected region of cells whose score is above ``threshold`` becomes one Feature (a
@@ -472,11 +574,14 @@ def write_geojson(store: Any, path: PathLike, *, classes: Any = None, threshold:
     smap = _open(store)
     chosen = _select(smap, classes)
     transform = smap.world_affine()
-    with _replacing(path, force, smap) as tmp, tempfile.TemporaryDirectory(
-            prefix=".fcnify-masks-", dir=os.path.dirname(tmp)) as scratch:
+    with (
+        _replacing(path, force, smap) as tmp,
+        tempfile.TemporaryDirectory(prefix=".fcnify-masks-", dir=os.path.dirname(tmp)) as scratch,
+    ):
         # masks of every chosen class, one byte a cell, on disk: the scores are read once, window by window
-        masks = np.lib.format.open_memmap(os.path.join(scratch, "masks.npy"), mode="w+", dtype=np.uint8,
-                                          shape=(len(chosen), *smap.shape))
+        masks = np.lib.format.open_memmap(
+            os.path.join(scratch, "masks.npy"), mode="w+", dtype=np.uint8, shape=(len(chosen), *smap.shape)
+        )
         for y0, y1, x0, x1 in _windows(smap.shape, 4 * TILE):
             block = np.asarray(smap.scores[:, y0:y1, x0:x1], dtype=np.float32)
             values = _softmax(block) if probabilities else block
@@ -486,11 +591,20 @@ def write_geojson(store: Any, path: PathLike, *, classes: Any = None, threshold:
         for n, k in enumerate(chosen):
             name = smap.classes[k]
             colour = list(_COLOURS[k % len(_COLOURS)])
-            for geometry, _ in shapes(masks[n], mask=masks[n].astype(bool), connectivity=connectivity,
-                                      transform=transform):
-                features.append({"type": "Feature", "geometry": geometry, "properties": {
-                    "objectType": "annotation", "classification": {"name": name, "color": colour},
-                    "class_index": k}})
+            for geometry, _ in shapes(
+                masks[n], mask=masks[n].astype(bool), connectivity=connectivity, transform=transform
+            ):
+                features.append(
+                    {
+                        "type": "Feature",
+                        "geometry": geometry,
+                        "properties": {
+                            "objectType": "annotation",
+                            "classification": {"name": name, "color": colour},
+                            "class_index": k,
+                        },
+                    }
+                )
         del masks
         collection: Dict[str, Any] = {"type": "FeatureCollection", "features": features}
         crs = _crs_member(smap.crs) if smap.level0 is not None else None
@@ -523,6 +637,7 @@ def _crs_member(wkt: Optional[str]) -> Optional[Dict[str, Any]]:
 
 # -- one entry ----------------------------------------------------------------------------------
 
+
 def _format(path: PathLike, format: Optional[str]) -> str:
     if format is not None:
         name = _ALIASES.get(str(format).lower())
@@ -533,12 +648,15 @@ def _format(path: PathLike, format: Optional[str]) -> str:
     for ext, name in _EXTENSIONS.items():
         if text.endswith(ext):
             return name
-    raise OutputError(f"cannot tell the output format of {os.fspath(path)} from its extension. Hint: end it with "
-                      f"{', '.join(_EXTENSIONS)}, or pass format= one of {', '.join(FORMATS)} (geotiff is chosen by name).")
+    raise OutputError(
+        f"cannot tell the output format of {os.fspath(path)} from its extension. Hint: end it with "
+        f"{', '.join(_EXTENSIONS)}, or pass format= one of {', '.join(FORMATS)} (geotiff is chosen by name)."
+    )
 
 
-def write_output(store: Any, path: PathLike, format: Optional[str] = None, *, force: bool = False,
-                 **options: Any) -> str:
+def write_output(
+    store: Any, path: PathLike, format: Optional[str] = None, *, force: bool = False, **options: Any
+) -> str:
     """Write a store's class map in the format its name says: Zarr, TIFF, GeoTIFF or GeoJSON.
 
     Args:
@@ -563,9 +681,11 @@ def write_output(store: Any, path: PathLike, format: Optional[str] = None, *, fo
     if kind == "zarr":
         where = os.fspath(store) if isinstance(store, (str, os.PathLike)) else None
         if where is None or os.path.realpath(where) != os.path.realpath(os.fspath(path)):
-            raise OutputError(f"format zarr: the store {where or store!r} is already the Zarr output; "
-                              f"{os.fspath(path)} would be a copy. Hint: copy the directory, or ask for tiff, "
-                              "geotiff or geojson.")
+            raise OutputError(
+                f"format zarr: the store {where or store!r} is already the Zarr output; "
+                f"{os.fspath(path)} would be a copy. Hint: copy the directory, or ask for tiff, "
+                "geotiff or geojson."
+            )
         _open(store)
         return where
     writers: Dict[str, Callable[..., str]] = {"tiff": write_tiff, "geotiff": write_geotiff, "geojson": write_geojson}
@@ -576,4 +696,3 @@ def write_output(store: Any, path: PathLike, format: Optional[str] = None, *, fo
         if "unexpected keyword" not in str(err):
             raise
         raise OutputError(f"format {kind}: {err}. Hint: see help(fcnify.write_{kind}) for its options.") from err
-

@@ -164,7 +164,9 @@ class Context:
         found: Dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in found:
-                found[node.target] = self.added[node.target] if node.target in self.added else _fetch(self.gm, node.target)
+                found[node.target] = (
+                    self.added[node.target] if node.target in self.added else _fetch(self.gm, node.target)
+                )
         return found
 
     def record(self, rule: str, node: fx.Node, before: str, after: str) -> None:
@@ -259,9 +261,20 @@ _POOL_MODULES = (
 )
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 _POOL_FUNCTIONS = (
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.lp_pool1d,
+    F.lp_pool2d,
 )
 _OTHER_MIXING_FUNCTIONS = (F.interpolate, F.upsample, F.pad, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold)
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "logsumexp", "std", "var", "nansum", "nanmean")
@@ -375,8 +388,13 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
         shape = ctx.shape(lifted_inputs[0])
         out = ctx.shape(node) or ()
         info = ctx.lifted(lifted_inputs[0])
-        if info.kind == "flat" and len(out) == 3 and tuple(out[:2]) == tuple(shape[:2]) and _is_linear(node, ctx) \
-                and _flattens_positions(lifted_inputs[0]):
+        if (
+            info.kind == "flat"
+            and len(out) == 3
+            and tuple(out[:2]) == tuple(shape[:2])
+            and _is_linear(node, ctx)
+            and _flattens_positions(lifted_inputs[0])
+        ):
             raise ctx.unsupported(
                 node,
                 f"it applies a Linear across the {shape[2]} positions of each of the {shape[1]} channels "
@@ -417,7 +435,12 @@ def _default(node: fx.Node, ctx: Context) -> fx.Node:
 
 def _flattens_positions(node: fx.Node) -> bool:
     """``x.flatten(2)`` / ``torch.flatten(x, 2)``: a map's positions made the last axis."""
-    if node.op == "call_method" and node.target == "flatten" or node.op == "call_function" and node.target is torch.flatten:
+    if (
+        node.op == "call_method"
+        and node.target == "flatten"
+        or node.op == "call_function"
+        and node.target is torch.flatten
+    ):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         return start == 2
     return False

@@ -64,7 +64,9 @@ def dilated_avg_pool2d(
     if divisor_override:
         return total / divisor_override
     if count_include_pad:
-        mask = torch.ones(1, 1, x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1], dtype=x.dtype, device=x.device)
+        mask = torch.ones(
+            1, 1, x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1], dtype=x.dtype, device=x.device
+        )
         mask = F.pad(mask, (0, ceil_extra[1], 0, ceil_extra[0]))
     else:
         mask = F.pad(torch.ones(1, 1, x.shape[2], x.shape[3], dtype=x.dtype, device=x.device), pad)
@@ -93,7 +95,9 @@ def _mul(pair: Pair, factor: Pair) -> Pair:
     return (pair[0] * factor[0], pair[1] * factor[1])
 
 
-def with_output_stride(fcn: fx.GraphModule, output_stride: int, x: torch.Tensor, verify: bool, rtol: float) -> fx.GraphModule:
+def with_output_stride(
+    fcn: fx.GraphModule, output_stride: int, x: torch.Tensor, verify: bool, rtol: float
+) -> fx.GraphModule:
     """:func:`apply_output_stride` to a converted model, checked against it on ``x`` (for ``convert``).
 
     Raises:

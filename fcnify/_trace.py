@@ -24,8 +24,19 @@ from torch import nn
 from ._errors import FcnifyError, TraceError
 
 __all__ = [
-    "trace", "record_shapes", "ShapeRun", "eval_mode", "describe_node", "second_size", "has_side_effects",
-    "eliminate_dead_code", "safe_deepcopy", "estimate_peak_bytes", "check_memory", "available_memory", "format_bytes",
+    "trace",
+    "record_shapes",
+    "ShapeRun",
+    "eval_mode",
+    "describe_node",
+    "second_size",
+    "has_side_effects",
+    "eliminate_dead_code",
+    "safe_deepcopy",
+    "estimate_peak_bytes",
+    "check_memory",
+    "available_memory",
+    "format_bytes",
 ]
 
 
@@ -162,7 +173,8 @@ def _optional_inputs(model: nn.Module) -> Optional[Dict[str, Any]]:
     except (TypeError, ValueError):
         return None
     optional = {
-        p.name: None for p in parameters[1:]
+        p.name: None
+        for p in parameters[1:]
         if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
     return optional or None
@@ -310,7 +322,9 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
-def estimate_peak_bytes(gm: fx.GraphModule, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> Optional[int]:
+def estimate_peak_bytes(
+    gm: fx.GraphModule, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> Optional[int]:
     """Peak activation memory of one run of ``gm`` on an input of ``shape``, without allocating it.
 
     The graph runs on fake tensors (shapes only); each value is counted from the node that makes it
@@ -388,4 +402,3 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PB"
-

@@ -1,7 +1,7 @@
 """The ``fcnify`` command line.
 
-    fcnify convert resnet50
-    fcnify convert timm/convnext_tiny --mode dense --input-size 288 -o convnext.pt2
+fcnify convert resnet50
+fcnify convert timm/convnext_tiny --mode dense --input-size 288 -o convnext.pt2
 """
 
 from __future__ import annotations
@@ -48,16 +48,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = convert.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
-    source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
-    convert.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a whole model saved with "
-                        "torch.save(model): unpickling runs code from the file, so only for files you trust")
-    convert.add_argument("--input-size", type=_size, metavar="HxW", help="training size, e.g. 224 or 224x320 "
-                         "(default: from the weights' metadata)")
-    convert.add_argument("--mode", choices=("window", "dense", "global"), default="window",
-                         help="window: slide the classifier (default); dense: one prediction per feature cell; "
-                         "global: keep (N, K) logits at any size")
-    convert.add_argument("-o", "--output", metavar="PATH", help="where to save: .pt2 (torch.export) or .onnx "
-                         "(validated in ONNX Runtime); default: ./MODEL-fcn.pt2")
+    source.add_argument(
+        "--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)"
+    )
+    convert.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a whole model saved with "
+        "torch.save(model): unpickling runs code from the file, so only for files you trust",
+    )
+    convert.add_argument(
+        "--input-size",
+        type=_size,
+        metavar="HxW",
+        help="training size, e.g. 224 or 224x320 (default: from the weights' metadata)",
+    )
+    convert.add_argument(
+        "--mode",
+        choices=("window", "dense", "global"),
+        default="window",
+        help="window: slide the classifier (default); dense: one prediction per feature cell; "
+        "global: keep (N, K) logits at any size",
+    )
+    convert.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="where to save: .pt2 (torch.export) or .onnx (validated in ONNX Runtime); default: ./MODEL-fcn.pt2",
+    )
     convert.add_argument("--no-save", action="store_true", help="convert and verify only")
     _add_export_parser(sub)
     _add_zoo_parser(sub)
@@ -71,8 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         "over a 720x960 canvas with three photos pasted at known boxes, write the class maps, and print where "
         "each class peaks and whether the peak is inside its photo.",
     )
-    demo.add_argument("-o", "--output", metavar="DIR", default="fcnify-demo",
-                      help="where to write the pictures (default: ./fcnify-demo/)")
+    demo.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        default="fcnify-demo",
+        help="where to write the pictures (default: ./fcnify-demo/)",
+    )
     return parser
 
 
@@ -99,16 +122,23 @@ def _add_export_parser(sub) -> None:
     export.add_argument("model", metavar="MODEL", help="torchvision or timm model name, or a torch.save-d model file")
     source = export.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
-    source.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)")
-    export.add_argument("--trust-pickle", action="store_true", help="allow MODEL to be a whole model saved with "
-                        "torch.save(model): unpickling runs code from the file, so only for files you trust")
+    source.add_argument(
+        "--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)"
+    )
+    export.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a whole model saved with "
+        "torch.save(model): unpickling runs code from the file, so only for files you trust",
+    )
     export.add_argument("--input-size", type=_size, metavar="HxW", help="training size, e.g. 224 or 224x320")
     export.add_argument("--mode", choices=("window", "dense", "global"), default="window", help="as for convert")
     export.add_argument("-o", "--output", metavar="PATH", help="the .onnx file; default: ./MODEL-fcn.onnx")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)")
     export.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 (default: symbolic)")
-    export.add_argument("--simplify", action="store_true", help="simplify with onnxslim (installed separately), "
-                        "then validate again")
+    export.add_argument(
+        "--simplify", action="store_true", help="simplify with onnxslim (installed separately), then validate again"
+    )
 
 
 def _default_output(model: str) -> str:
@@ -120,8 +150,10 @@ def _check_folder(path: str) -> None:
     """Fail before the (slow) conversion when the output cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FcnifyError(f"cannot write {path}: folder {folder} does not exist. Hint: create it first, "
-                          "or pass -o with an existing folder.")
+        raise FcnifyError(
+            f"cannot write {path}: folder {folder} does not exist. Hint: create it first, "
+            "or pass -o with an existing folder."
+        )
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -146,8 +178,10 @@ def _convert(args: argparse.Namespace) -> int:
             return 0
         save(fcn, path, report.input_size)
         size_mb = os.path.getsize(path) / 2**20
-        print(f"saved {path} ({size_mb:.1f} MB): load with torch.export.load({path!r}).module(); "
-              f"inputs of at least {report.input_size[1]}x{report.input_size[2]}")
+        print(
+            f"saved {path} ({size_mb:.1f} MB): load with torch.export.load({path!r}).module(); "
+            f"inputs of at least {report.input_size[1]}x{report.input_size[2]}"
+        )
     print(f"done in {report.seconds:.1f} s (conversion and verification)")
     return 0
 
@@ -157,8 +191,10 @@ def _write_onnx(fcn, path: str, input_size, opset=None, dynamic_batch=True, simp
 
     onnx_report = export_onnx(fcn, path, input_size, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify)
     print(onnx_report)
-    print(f"run it at any size of at least {input_size[1]}x{input_size[2]}: "
-          f"onnxruntime.InferenceSession({path!r}).run(None, {{'image': x}})")
+    print(
+        f"run it at any size of at least {input_size[1]}x{input_size[2]}: "
+        f"onnxruntime.InferenceSession({path!r}).run(None, {{'image': x}})"
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -167,8 +203,10 @@ def _export(args: argparse.Namespace) -> int:
 
     path = args.output or os.path.splitext(_default_output(args.model))[0] + ".onnx"
     if not path.lower().endswith(".onnx"):
-        raise FcnifyError(f"fcnify export writes ONNX, but {path} does not end in .onnx. "
-                          "Hint: use -o model.onnx, or fcnify convert -o model.pt2 for a torch.export program.")
+        raise FcnifyError(
+            f"fcnify export writes ONNX, but {path} does not end in .onnx. "
+            "Hint: use -o model.onnx, or fcnify convert -o model.pt2 for a torch.export program."
+        )
     _check_folder(path)
     model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights, trust=args.trust_pickle)
     input_size = args.input_size or size

@@ -45,8 +45,10 @@ class DemoRow:
     def __str__(self) -> str:
         y, x = self.peak_yx
         top, left, bottom, right = self.box
-        return (f"{self.photo:<9} {self.class_index:>4} {self.class_name:<18} {self.peak:>6.3f}  "
-                f"(y={y:>3.0f}, x={x:>3.0f})  [{top}:{bottom}, {left}:{right}]  {'yes' if self.inside else 'NO'}")
+        return (
+            f"{self.photo:<9} {self.class_index:>4} {self.class_name:<18} {self.peak:>6.3f}  "
+            f"(y={y:>3.0f}, x={x:>3.0f})  [{top}:{bottom}, {left}:{right}]  {'yes' if self.inside else 'NO'}"
+        )
 
 
 def _require_demo_extra():
@@ -54,7 +56,9 @@ def _require_demo_extra():
         from PIL import Image
         from skimage import data
     except ImportError as err:
-        raise ModelLoadError(f"fcnify demo needs {err.name}, which is not installed. Hint: pip install 'fcnify[demo]'.") from err
+        raise ModelLoadError(
+            f"fcnify demo needs {err.name}, which is not installed. Hint: pip install 'fcnify[demo]'."
+        ) from err
     return Image, data
 
 
@@ -64,7 +68,7 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    crop = Image.fromarray(np.ascontiguousarray(image[top:top + side, left:left + side])).convert("RGB")
+    crop = Image.fromarray(np.ascontiguousarray(image[top : top + side, left : left + side])).convert("RGB")
     return np.asarray(crop.resize((size, size), Image.BICUBIC))
 
 
@@ -88,7 +92,7 @@ def compose_canvas() -> Tuple[np.ndarray, List[Tuple[str, np.ndarray, Tuple[int,
     pasted = []
     for name, source, _, top, left in PHOTOS:
         photo = _square(getattr(data, source)(), PHOTO)
-        canvas[top:top + PHOTO, left:left + PHOTO] = photo
+        canvas[top : top + PHOTO, left : left + PHOTO] = photo
         pasted.append((name, photo, (top, left, top + PHOTO, left + PHOTO)))
     return canvas, pasted
 
@@ -150,9 +154,7 @@ def run_demo(output_dir: str = "fcnify-demo", verbose: bool = True, figure: Opti
     result = heatmap(fcn, canvas, classes=classes)
     rows = []
     for k, ((name, _, box), index) in enumerate(zip(pasted, classes)):
-        single = dataclasses.replace(
-            result, cells=result.cells[k:k + 1], classes=[index], names=[result.names[k]]
-        )
+        single = dataclasses.replace(result, cells=result.cells[k : k + 1], classes=[index], names=[result.names[k]])
         path = render_heatmap(single, os.path.join(output_dir, f"heatmap-{name}.png"))
         peak, (y, x) = result.peak(k)
         top, left, bottom, right = box
@@ -162,8 +164,10 @@ def run_demo(output_dir: str = "fcnify-demo", verbose: bool = True, figure: Opti
         _small_figure(result, figure)
     h, w = result.cells.shape[1:]
     geo = result.geometry
-    say(f"\n{CANVAS[0]}x{CANVAS[1]} canvas -> {h}x{w} cells, stride {geo.stride[0]}, "
-        f"each cell sees {geo.receptive_field[0]}x{geo.receptive_field[1]} pixels")
+    say(
+        f"\n{CANVAS[0]}x{CANVAS[1]} canvas -> {h}x{w} cells, stride {geo.stride[0]}, "
+        f"each cell sees {geo.receptive_field[0]}x{geo.receptive_field[1]} pixels"
+    )
     say(f"{'photo':<9} {'id':>4} {'class':<18} {'peak':>6}  {'at':<16}  {'pasted box':<20} inside")
     for row in rows:
         say(row)

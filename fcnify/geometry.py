@@ -185,9 +185,13 @@ def _function_op(node: fx.Node, shapes: Callable[[Any], Any]) -> Optional[_Op]:
         ceil_mode = bool(_arg(node, 5 if is_max else 4, "ceil_mode", False))
         padding, _ = _padding(_arg(node, 3, "padding", 0), kernel, dilation)
         return _Window(kernel, stride, dilation, padding, ceil_mode=ceil_mode)
-    if getattr(target, "__name__", "") == "dilated_avg_pool2d" and getattr(target, "__module__", "") == "fcnify._stride":
-        kernel, stride, padding, dilation = (_pair(_arg(node, i, n)) for i, n in
-                                             ((1, "kernel_size"), (2, "stride"), (3, "padding"), (4, "dilation")))
+    if (
+        getattr(target, "__name__", "") == "dilated_avg_pool2d"
+        and getattr(target, "__module__", "") == "fcnify._stride"
+    ):
+        kernel, stride, padding, dilation = (
+            _pair(_arg(node, i, n)) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"), (4, "dilation"))
+        )
         extra = _pair(_arg(node, 5, "ceil_extra", 0))
         return _Window(kernel, stride, dilation, tuple((p, p + e) for p, e in zip(padding, extra)))  # type: ignore[arg-type]
     if target is operator.getitem and isinstance(node.args[1], tuple) and len(node.args[1]) == 4:
@@ -457,7 +461,9 @@ def _size_of(fcn: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, 
     if len(input_size) == 3:
         return input_size  # type: ignore[return-value]
     if len(input_size) != 2 or min(input_size) < 1:
-        raise FcnifyError(f"input_size must be (H, W) with positive sizes, got {input_size}. Hint: input_size=(224, 224).")
+        raise FcnifyError(
+            f"input_size must be (H, W) with positive sizes, got {input_size}. Hint: input_size=(224, 224)."
+        )
     if channels is None:
         conv = next((m for m in fcn.modules() if isinstance(m, nn.Conv2d)), None)
         channels = conv.in_channels if conv is not None else 3
@@ -515,7 +521,8 @@ def geometry(fcn: nn.Module, input_size: Optional[Sequence[int]] = None) -> Geom
         offset=(ys.start, xs.start),
         map_size=(ys.size, xs.size),
         global_context=any(
-            isinstance(step.op, _Global) and step.node.op not in ("placeholder", "get_attr")
+            isinstance(step.op, _Global)
+            and step.node.op not in ("placeholder", "get_attr")
             and any(j >= 0 and values[j][0] is not None for j in step.inputs)
             for step in steps
         ),

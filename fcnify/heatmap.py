@@ -68,7 +68,10 @@ class HeatmapResult:
         height, width = self.image_size
         out_h, out_w = (height, width) if size is None else (int(size[0]), int(size[1]))
         coords = []
-        for n_in, n_out, n_cells, dim in ((height, out_h, self.cells.shape[1], 0), (width, out_w, self.cells.shape[2], 1)):
+        for n_in, n_out, n_cells, dim in (
+            (height, out_h, self.cells.shape[1], 0),
+            (width, out_w, self.cells.shape[2], 1),
+        ):
             pixel = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
             cell = (pixel - self.geometry.center(0, 0)[dim]) / self.geometry.stride[dim]
             coords.append(cell * 2 / (n_cells - 1) - 1 if n_cells > 1 else torch.zeros_like(cell))
@@ -88,7 +91,9 @@ def class_names(num_classes: int, names: Optional[Sequence[str]] = None) -> List
     """Names for ``num_classes`` classes: ``names`` when given, ImageNet's for 1000, else ``class i``."""
     if names is not None:
         if len(names) != num_classes:
-            raise FcnifyError(f"{len(names)} class names for a model with {num_classes} classes. Hint: pass one name per class.")
+            raise FcnifyError(
+                f"{len(names)} class names for a model with {num_classes} classes. Hint: pass one name per class."
+            )
         return list(names)
     if num_classes == 1000:
         try:
@@ -290,9 +295,13 @@ def _class_index(value: Union[int, str], names: List[str]) -> int:
     import difflib
 
     close = difflib.get_close_matches(text.lower(), lowered, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(repr(names[lowered.index(c)]) for c in close)}?" if close else "pass a class index."
+    hint = (
+        f"did you mean {', '.join(repr(names[lowered.index(c)]) for c in close)}?" if close else "pass a class index."
+    )
     if len(partial) > 1:
-        hint = f"it matches {len(partial)} names, e.g. {', '.join(repr(names[i]) for i in partial[:3])}; be more precise."
+        hint = (
+            f"it matches {len(partial)} names, e.g. {', '.join(repr(names[i]) for i in partial[:3])}; be more precise."
+        )
     raise FcnifyError(f"unknown class name {text!r}. Hint: {hint}")
 
 

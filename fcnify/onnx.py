@@ -65,8 +65,10 @@ class SizeCheck:
 
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.output_shapes)
-        return (f"{self.batch}x{self.size[0]}x{self.size[1]} -> {shapes}: max abs error "
-                f"{self.max_abs_error:.2e} (tol {self.tolerance:.1e})")
+        return (
+            f"{self.batch}x{self.size[0]}x{self.size[1]} -> {shapes}: max abs error "
+            f"{self.max_abs_error:.2e} (tol {self.tolerance:.1e})"
+        )
 
 
 @dataclasses.dataclass
@@ -122,16 +124,21 @@ class OnnxExportReport:
             f"ONNX opset {self.opset}: {_INPUT_NAME} {dims(self.input_shape)} -> "
             + ", ".join(dims(s) for s in self.output_shapes),
             f"validated in ONNX Runtime against PyTorch at {len(self.checks)} sizes"
-            + (" (after onnxslim)" if self.simplified else "") + ":",
+            + (" (after onnxslim)" if self.simplified else "")
+            + ":",
         ]
         lines += [f"  {c}" for c in self.checks]
         lines += [f"  skipped {s}" for s in self.skipped]
         if self.traced_size:
-            lines.append(f"traced at {self.traced_size[0]}x{self.traced_size[1]}: the first trace failed there "
-                         "(the model takes a size-dependent path)")
+            lines.append(
+                f"traced at {self.traced_size[0]}x{self.traced_size[1]}: the first trace failed there "
+                "(the model takes a size-dependent path)"
+            )
         where = self.path + (f" + {self.external_data}" if self.external_data else "")
-        lines.append(f"saved {where} ({self.file_bytes / 2**20:.1f} MB) in {self.export_seconds:.1f} s, "
-                     f"validated in {self.validate_seconds:.1f} s")
+        lines.append(
+            f"saved {where} ({self.file_bytes / 2**20:.1f} MB) in {self.export_seconds:.1f} s, "
+            f"validated in {self.validate_seconds:.1f} s"
+        )
         return "\n".join(lines)
 
 
@@ -241,11 +248,11 @@ def _export_onnx(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, si
         if traced is None or traced in (size[1:], first_trace) or traced[0] < size[1] or traced[1] < size[2]:
             raise
         try:
-            report = _export_and_validate(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external,
-                                          traced)
+            report = _export_and_validate(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external, traced)
         except ExportError as again:
-            raise ExportError(f"{err} (Traced again at {traced[0]}x{traced[1]}, the size that failed: "
-                              f"{first_line(again)})") from again
+            raise ExportError(
+                f"{err} (Traced again at {traced[0]}x{traced[1]}, the size that failed: {first_line(again)})"
+            ) from again
         report.traced_size = traced
     export_seconds = time.perf_counter() - start - report.validate_seconds
     try:
@@ -266,8 +273,9 @@ def _export_onnx(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, si
     return report
 
 
-def _export_and_validate(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external,
-                         traced_size=None) -> OnnxExportReport:
+def _export_and_validate(
+    fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, external, traced_size=None
+) -> OnnxExportReport:
     """Export with the example input at ``traced_size`` (by default :func:`second_size`), save, validate."""
     program = _export(fcn, size, opset, dynamic_batch, traced_size)
     data_path = path + ".data"
@@ -364,13 +372,20 @@ def _input_size(fcn: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[in
     if len(input_size) == 2:
         input_size = (report.input_size[0], *input_size)
     if len(input_size) != 3 or min(input_size) < 1:
-        raise ExportError(f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}. "
-                          "Hint: leave it out to use the conversion's training size.")
+        raise ExportError(
+            f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}. "
+            "Hint: leave it out to use the conversion's training size."
+        )
     return input_size
 
 
-def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dynamic_batch: bool,
-            traced_size: Optional[Tuple[int, int]] = None):
+def _export(
+    fcn: nn.Module,
+    size: Tuple[int, int, int],
+    opset: Optional[int],
+    dynamic_batch: bool,
+    traced_size: Optional[Tuple[int, int]] = None,
+):
     c, h, w = size
     traced_size = traced_size or second_size((h, w))
     example = example_input(fcn, (c, *traced_size), batch=2 if dynamic_batch else 1)
@@ -388,8 +403,14 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
             with fx_config.patch(backed_size_oblivious=True), _quiet_shape_solver(), _rnn_decompositions():
                 try:
                     return torch.onnx.export(
-                        module, (example,), dynamo=True, dynamic_shapes=(dims,), opset_version=opset,
-                        input_names=[_INPUT_NAME], output_names=names, verbose=False,
+                        module,
+                        (example,),
+                        dynamo=True,
+                        dynamic_shapes=(dims,),
+                        opset_version=opset,
+                        input_names=[_INPUT_NAME],
+                        output_names=names,
+                        verbose=False,
                     )
                 except Exception as err:
                     if not _unsolved_shape_guard(err):
@@ -400,10 +421,21 @@ def _export(fcn: nn.Module, size: Tuple[int, int, int], opset: Optional[int], dy
                 # solve floor divisions (Eq(x/32 - ((x/16)//2), 0)). Kept as ordinary guards, they
                 # only check the inputs of the ExportedProgram; ONNX has no such checks, and ONNX
                 # Runtime fails at the sizes where PyTorch fails too. Validation proves the rest.
-                program = torch.export.export(module, (example,), dynamic_shapes=(dims,), strict=False,
-                                              prefer_deferred_runtime_asserts_over_guards=False)
-                return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[_INPUT_NAME],
-                                         output_names=names, verbose=False)
+                program = torch.export.export(
+                    module,
+                    (example,),
+                    dynamic_shapes=(dims,),
+                    strict=False,
+                    prefer_deferred_runtime_asserts_over_guards=False,
+                )
+                return torch.onnx.export(
+                    program,
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=[_INPUT_NAME],
+                    output_names=names,
+                    verbose=False,
+                )
         except Exception as err:
             raise ExportError(
                 f"torch.onnx.export could not export {type(fcn).__name__} (example input "
@@ -460,8 +492,11 @@ def _name_dims(path: str) -> None:
 
     model = onnx.load(path, load_external_data=False)
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    mapping = {dims[a].dim_param: name for a, name in ((0, "batch"), (2, "height"), (3, "width"))
-               if a < len(dims) and dims[a].dim_param and dims[a].dim_param != name}
+    mapping = {
+        dims[a].dim_param: name
+        for a, name in ((0, "batch"), (2, "height"), (3, "width"))
+        if a < len(dims) and dims[a].dim_param and dims[a].dim_param != name
+    }
     if not mapping:
         return
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, mapping)) + r")\b")
@@ -527,8 +562,10 @@ def _validate(fcn, path, size, dynamic_batch, validate_sizes, rtol) -> OnnxExpor
         report.checks.append(_compare(session, path, x, refs, rtol))
     _raise_on_mismatch(path, report.checks)
     if len(report.checks) < wanted:
-        raise ExportError(f"{path} was validated at {len(report.checks)} sizes only: {'; '.join(report.skipped)}. "
-                          "Hint: pass validate_sizes the network accepts.")
+        raise ExportError(
+            f"{path} was validated at {len(report.checks)} sizes only: {'; '.join(report.skipped)}. "
+            "Hint: pass validate_sizes the network accepts."
+        )
     report.validate_seconds = time.perf_counter() - start
     return report
 
@@ -544,23 +581,31 @@ def _compare(session, path: str, x: torch.Tensor, refs: List[Any], rtol: float) 
     try:
         outs = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
     except Exception as err:
-        raise _at_size(ExportError(
-            f"ONNX Runtime fails on {path} at input {where}: {first_line(err)}. Hint: a size was frozen at "
-            "export time; export an fcnify conversion (fcnify.convert) rather than the original classifier."
-        ), size) from err
+        raise _at_size(
+            ExportError(
+                f"ONNX Runtime fails on {path} at input {where}: {first_line(err)}. Hint: a size was frozen at "
+                "export time; export an fcnify conversion (fcnify.convert) rather than the original classifier."
+            ),
+            size,
+        ) from err
     refs = [r for r in refs if isinstance(r, torch.Tensor)]
     if len(outs) != len(refs):
-        raise ExportError(f"{path} returns {len(outs)} outputs where PyTorch returns {len(refs)} (input {where}). "
-                          "Hint: return tensors only from the model.")
+        raise ExportError(
+            f"{path} returns {len(outs)} outputs where PyTorch returns {len(refs)} (input {where}). "
+            "Hint: return tensors only from the model."
+        )
     error, scale = 0.0, output_scale(torch.zeros(0))
     for out, ref in zip(outs, refs):
         ref = ref.detach().cpu().double()
         out = torch.from_numpy(out).double()
         if tuple(out.shape) != tuple(ref.shape):
-            raise _at_size(ExportError(
-                f"ONNX Runtime gives shape {tuple(out.shape)} where PyTorch gives {tuple(ref.shape)} at input "
-                f"{where} ({path}). Hint: a size was frozen at export time; export an fcnify conversion."
-            ), size)
+            raise _at_size(
+                ExportError(
+                    f"ONNX Runtime gives shape {tuple(out.shape)} where PyTorch gives {tuple(ref.shape)} at input "
+                    f"{where} ({path}). Hint: a size was frozen at export time; export an fcnify conversion."
+                ),
+                size,
+            )
         if ref.numel():
             scale = max(scale, output_scale(ref))
             error = max(error, (out - ref).abs().max().item())
@@ -584,15 +629,19 @@ def _raise_on_mismatch(path: str, checks: List[SizeCheck]) -> None:
     # far off at some sizes, close at others: a size-dependent path, not rounding
     floor = min(c.tolerance for c in checks) / 100
     if good and min(c.max_abs_error for c in bad) > 100 * max(floor, *(c.max_abs_error for c in good)):
-        raise _at_size(ExportError(
-            f"ONNX Runtime disagrees with PyTorch ({path}) {text}, but agrees at {', '.join(map(size, good))}: "
-            "the model takes a different path at different sizes (a Python `if` on a size, e.g. torchvision's "
-            "Swin skips its window shift when the window covers the map), and the exported graph follows one "
-            "path at every size. Hint: run those sizes in PyTorch or from the .pt2 export; to keep the file for "
-            "the sizes where it agrees, pass validate_sizes= with the sizes you will run."
-        ), bad[-1].size)
-    raise ExportError(f"ONNX Runtime disagrees with PyTorch ({path}) {text}. Hint: try another opset=, or "
-                      "simplify=False.")
+        raise _at_size(
+            ExportError(
+                f"ONNX Runtime disagrees with PyTorch ({path}) {text}, but agrees at {', '.join(map(size, good))}: "
+                "the model takes a different path at different sizes (a Python `if` on a size, e.g. torchvision's "
+                "Swin skips its window shift when the window covers the map), and the exported graph follows one "
+                "path at every size. Hint: run those sizes in PyTorch or from the .pt2 export; to keep the file for "
+                "the sizes where it agrees, pass validate_sizes= with the sizes you will run."
+            ),
+            bad[-1].size,
+        )
+    raise ExportError(
+        f"ONNX Runtime disagrees with PyTorch ({path}) {text}. Hint: try another opset=, or simplify=False."
+    )
 
 
 def _session(path: str):
@@ -609,8 +658,7 @@ def _session(path: str):
 
 def _dims(value_info) -> List[Any]:
     dims = value_info.type.tensor_type.shape.dim
-    return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
-            for d in dims]
+    return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?") for d in dims]
 
 
 def _check_symbolic(path, input_shape, output_shapes, dynamic_batch, fcn) -> None:
@@ -618,8 +666,10 @@ def _check_symbolic(path, input_shape, output_shapes, dynamic_batch, fcn) -> Non
     axes = [2, 3] + ([0] if dynamic_batch else [])
     frozen = [a for a in axes if len(input_shape) != 4 or not isinstance(input_shape[a], str)]
     if frozen:
-        raise ExportError(f"{path}: the input {input_shape} has fixed dimensions {frozen}. Hint: the exporter "
-                          "specialised on the example size; report this with the model name.")
+        raise ExportError(
+            f"{path}: the input {input_shape} has fixed dimensions {frozen}. Hint: the exporter "
+            "specialised on the example size; report this with the model name."
+        )
     for i, shape in enumerate(output_shapes):
         spatial = [2, 3] if len(shape) == 4 else []
         frozen = [a for a in spatial + ([0] if dynamic_batch else []) if not isinstance(shape[a], str)]
@@ -634,8 +684,10 @@ def _require_onnxslim() -> None:
     try:
         import onnxslim  # noqa: F401
     except ImportError as err:
-        raise ExportError("simplify=True needs onnxslim, which is not installed. "
-                          "Hint: pip install 'fcnify[simplify]', or export without simplifying.") from err
+        raise ExportError(
+            "simplify=True needs onnxslim, which is not installed. "
+            "Hint: pip install 'fcnify[simplify]', or export without simplifying."
+        ) from err
 
 
 def _simplify(path: str) -> None:
@@ -644,8 +696,9 @@ def _simplify(path: str) -> None:
     try:
         onnxslim.slim(path, path)
     except Exception as err:
-        raise ExportError(f"onnxslim could not simplify {path}: {first_line(err)}. "
-                          "Hint: export without simplify.") from err
+        raise ExportError(
+            f"onnxslim could not simplify {path}: {first_line(err)}. Hint: export without simplify."
+        ) from err
 
 
 def _root_cause(err: BaseException) -> str:
@@ -653,5 +706,3 @@ def _root_cause(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return f"{type(err).__name__}: {_ANSI.sub('', first_line(err))}"
-
-

@@ -82,9 +82,7 @@ def resize_head(
     size = resolve_input_size(model, from_size, gm)
     new_size = resolve_input_size(model, to_size, gm)
     if new_size[0] != size[0]:
-        raise FcnifyError(
-            f"from_size {size} and to_size {new_size} have different channels. Hint: give (H, W) sizes."
-        )
+        raise FcnifyError(f"from_size {size} and to_size {new_size} have different channels. Hint: give (H, W) sizes.")
     run = record_shapes(gm, example_input(gm, size, batch=1))
     if run.failed_at is not None:
         raise FcnifyError(
@@ -127,8 +125,6 @@ def resize_head(
     setattr(resized.get_submodule(parent) if parent else resized, name, new)
     resized.fcnify_input_size = new_size[1:]
     return resized
-
-
 
 
 def _resample(weight: torch.Tensor, size: Tuple[int, int], method: str) -> torch.Tensor:

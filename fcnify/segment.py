@@ -110,8 +110,15 @@ class Segmenter(nn.Module):
         conversion_report: the report of the dense conversion.
     """
 
-    def __init__(self, backbone: fx.GraphModule, scores: Sequence[nn.Module], upsamplers: Sequence[_Upsample],
-                 skips: Sequence[str], strides: Sequence[int], num_classes: int):
+    def __init__(
+        self,
+        backbone: fx.GraphModule,
+        scores: Sequence[nn.Module],
+        upsamplers: Sequence[_Upsample],
+        skips: Sequence[str],
+        strides: Sequence[int],
+        num_classes: int,
+    ):
         super().__init__()
         self.backbone = backbone
         self.scores = nn.ModuleList(scores)
@@ -219,7 +226,7 @@ def segmenter(
     backbone = _with_outputs(fcn, nodes)
     strides = [_stride(run, run2, n) for n in nodes]
     scores: List[nn.Module] = [nn.Identity()] if keep_classifier else []
-    for node in nodes[len(scores):]:
+    for node in nodes[len(scores) :]:
         score = nn.Conv2d(run.shape(node)[1], num_classes, 1)
         nn.init.zeros_(score.weight)
         nn.init.zeros_(score.bias)
@@ -308,8 +315,11 @@ def _find_skips(fcn: fx.GraphModule, run, run2, stride: int, skips) -> List[fx.N
         if isinstance(skip, str):
             node = by_name.get(skip)
             if node is None or _stride(run, run2, node) is None:
-                what = "is not in the converted graph" if node is None else (
-                    f"is not an NCHW feature map ({run.shape(node)})")
+                what = (
+                    "is not in the converted graph"
+                    if node is None
+                    else (f"is not an NCHW feature map ({run.shape(node)})")
+                )
                 raise FcnifyError(
                     f"skip node '{skip}' {what}. Hint: stage outputs of this backbone: "
                     f"{_candidates(cuts, maps, run, run2)}."

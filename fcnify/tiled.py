@@ -170,7 +170,9 @@ def open_image(path: Union[str, os.PathLike]) -> Union[np.ndarray, torch.Tensor]
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except OSError as err:
-        raise FcnifyError(f"cannot read image {path}: {err}. Hint: use PNG, JPEG, TIFF or a .npy (H, W, C) array.") from err
+        raise FcnifyError(
+            f"cannot read image {path}: {err}. Hint: use PNG, JPEG, TIFF or a .npy (H, W, C) array."
+        ) from err
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 
@@ -277,7 +279,7 @@ def predict_tiled(
                 )
             n = source.shape[0]
             for k, t in enumerate(group):
-                part = result[k * n: (k + 1) * n]
+                part = result[k * n : (k + 1) * n]
                 ti, tj = t.i0 - t.y0 // geo.stride[0], t.j0 - t.x0 // geo.stride[1]
                 rows, cols = t.i1 - t.i0, t.j1 - t.j0
                 if part.shape[2] < ti + rows or part.shape[3] < tj + cols:
@@ -287,7 +289,7 @@ def predict_tiled(
                     )
                 if out is None:
                     out = torch.empty(n, part.shape[1], h_out, w_out, dtype=part.dtype)
-                out[:, :, t.i0:t.i1, t.j0:t.j1] = part[:, :, ti:ti + rows, tj:tj + cols].cpu()
+                out[:, :, t.i0 : t.i1, t.j0 : t.j1] = part[:, :, ti : ti + rows, tj : tj + cols].cpu()
             bar.update(len(group))
     return out
 

@@ -24,7 +24,15 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ._errors import FcnifyError, VerificationError
 from ._trace import eval_mode
 
-__all__ = ["verify", "VerificationReport", "OutputCheck", "DEFAULT_RTOL", "default_rtol", "output_scale", "example_input"]
+__all__ = [
+    "verify",
+    "VerificationReport",
+    "OutputCheck",
+    "DEFAULT_RTOL",
+    "default_rtol",
+    "output_scale",
+    "example_input",
+]
 
 #: Tolerance relative to the output's own scale (its largest magnitude) for float32: sums over
 #: a few thousand terms in another order differ by ~1e-6; 1e-4 leaves room for depth.
@@ -52,6 +60,7 @@ def output_scale(reference: torch.Tensor) -> float:
     if not reference.numel():
         return _TINY
     return max(_TINY, reference.detach().abs().max().item())
+
 
 _CHECKS = ("equal", "mean", "none")
 
@@ -180,8 +189,11 @@ def verify(
     outs, out_spec = pytree.tree_flatten(result)
     if any(isinstance(r, torch.Tensor) and r.is_floating_point() and not torch.isfinite(r).all() for r in refs):
         bad = [name for name, p in original.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
-        where = f"its parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or inf" if bad else (
-            "its weights or buffers overflow on a standard normal input")
+        where = (
+            f"its parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or inf"
+            if bad
+            else ("its weights or buffers overflow on a standard normal input")
+        )
         raise VerificationError(
             f"the original {type(original).__name__} itself returns NaN or inf at {'x'.join(map(str, input_size))}: "
             f"{where}. Hint: check the weights (torch.isfinite(p).all() for each parameter); nothing can be verified "
@@ -212,7 +224,9 @@ def _compare(index: int, ref: Any, out: Any, check: str, rtol: float) -> OutputC
         out_f = out_f[..., 0, 0]
     if check == "none" or out_f.shape != ref_f.shape:
         error = 0.0 if check == "none" and out.dim() == ref.dim() + 2 else float("inf")
-        return OutputCheck(index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0)
+        return OutputCheck(
+            index, check if error == 0.0 else "equal", tuple(out.shape), tuple(ref.shape), error, error, 0.0
+        )
     scale = output_scale(ref_f)
     error = (out_f - ref_f).abs().max().item() if ref_f.numel() else 0.0
     return OutputCheck(index, check, tuple(out.shape), tuple(ref.shape), error, error / scale, rtol * scale)

@@ -54,20 +54,61 @@ TORCHVISION_NON_CNN = {"vision_transformer": "transformer", "swin_transformer": 
 
 #: timm families (the module defining the model) that are not CNNs: transformer, hybrid or MLP.
 TIMM_NON_CNN = {
-    "beit": "transformer", "byoanet": "hybrid", "cait": "transformer", "coat": "hybrid", "convit": "transformer",
-    "crossvit": "transformer", "csatv2": "hybrid", "davit": "transformer", "deepseek_vit": "transformer",
-    "deit": "transformer", "edgenext": "hybrid", "efficientformer": "hybrid", "efficientformer_v2": "hybrid",
-    "efficientvim": "hybrid", "efficientvit_mit": "hybrid", "efficientvit_msra": "hybrid", "eva": "transformer",
-    "fastvit": "hybrid", "focalnet": "transformer", "gcvit": "transformer", "gemma4_vit": "transformer",
-    "hiera": "transformer", "hieradet_sam2": "transformer", "iformer": "hybrid", "levit": "hybrid",
-    "lowformer": "hybrid", "maxxvit": "hybrid", "metaformer": "hybrid", "mlp_mixer": "mlp", "mobilenetv5": "hybrid", "mobilevit": "hybrid",
-    "mvitv2": "transformer", "naflexvit": "transformer", "nest": "transformer", "nextvit": "hybrid",
-    "pit": "transformer", "pvt_v2": "transformer", "qwen3_vit": "transformer", "sequencer": "mlp",
-    "shvit": "hybrid", "swiftformer": "hybrid", "swin_transformer": "transformer",
-    "swin_transformer_v2": "transformer", "swin_transformer_v2_cr": "transformer", "tiny_vit": "hybrid",
-    "tnt": "transformer", "twins": "transformer", "vision_transformer": "transformer",
-    "vision_transformer_hybrid": "hybrid", "vision_transformer_relpos": "transformer",
-    "vision_transformer_sam": "transformer", "visformer": "hybrid", "vitamin": "hybrid", "volo": "transformer", "xcit": "transformer",
+    "beit": "transformer",
+    "byoanet": "hybrid",
+    "cait": "transformer",
+    "coat": "hybrid",
+    "convit": "transformer",
+    "crossvit": "transformer",
+    "csatv2": "hybrid",
+    "davit": "transformer",
+    "deepseek_vit": "transformer",
+    "deit": "transformer",
+    "edgenext": "hybrid",
+    "efficientformer": "hybrid",
+    "efficientformer_v2": "hybrid",
+    "efficientvim": "hybrid",
+    "efficientvit_mit": "hybrid",
+    "efficientvit_msra": "hybrid",
+    "eva": "transformer",
+    "fastvit": "hybrid",
+    "focalnet": "transformer",
+    "gcvit": "transformer",
+    "gemma4_vit": "transformer",
+    "hiera": "transformer",
+    "hieradet_sam2": "transformer",
+    "iformer": "hybrid",
+    "levit": "hybrid",
+    "lowformer": "hybrid",
+    "maxxvit": "hybrid",
+    "metaformer": "hybrid",
+    "mlp_mixer": "mlp",
+    "mobilenetv5": "hybrid",
+    "mobilevit": "hybrid",
+    "mvitv2": "transformer",
+    "naflexvit": "transformer",
+    "nest": "transformer",
+    "nextvit": "hybrid",
+    "pit": "transformer",
+    "pvt_v2": "transformer",
+    "qwen3_vit": "transformer",
+    "sequencer": "mlp",
+    "shvit": "hybrid",
+    "swiftformer": "hybrid",
+    "swin_transformer": "transformer",
+    "swin_transformer_v2": "transformer",
+    "swin_transformer_v2_cr": "transformer",
+    "tiny_vit": "hybrid",
+    "tnt": "transformer",
+    "twins": "transformer",
+    "vision_transformer": "transformer",
+    "vision_transformer_hybrid": "hybrid",
+    "vision_transformer_relpos": "transformer",
+    "vision_transformer_sam": "transformer",
+    "visformer": "hybrid",
+    "vitamin": "hybrid",
+    "volo": "transformer",
+    "xcit": "transformer",
 }
 
 #: One small model per timm family, plus the variants whose heads differ. Families missing
@@ -245,6 +286,7 @@ class ZooResult:
 
 # -- the model lists --------------------------------------------------------------------------
 
+
 def torchvision_entries() -> List[ZooEntry]:
     """Every classifier in ``torchvision.models.list_models(module=torchvision.models)``."""
     import torchvision
@@ -293,6 +335,7 @@ def select(entries: Iterable[ZooEntry], pattern: Optional[str] = None) -> List[Z
 
 
 # -- checking one model -----------------------------------------------------------------------
+
 
 def calibrate_batchnorm(model: nn.Module, size: Tuple[int, int], batch: int = 2, seed: int = 0) -> nn.Module:
     """Set batch-norm running statistics from one random batch at ``size``; returns ``model`` in eval mode.
@@ -477,6 +520,7 @@ def _init_worker(threads: Optional[int]) -> None:
 
 # -- the table --------------------------------------------------------------------------------
 
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -530,7 +574,9 @@ def summary(results: Sequence[ZooResult], library: str) -> str:
         )
     tried = [r for r in mine if r.onnx in ("exported", "failed")]
     if tried:
-        text += f"; ONNX: {sum(r.onnx == 'exported' for r in tried)}/{len(tried)} converted models exported and validated"
+        text += (
+            f"; ONNX: {sum(r.onnx == 'exported' for r in tried)}/{len(tried)} converted models exported and validated"
+        )
     return text
 
 
@@ -565,9 +611,15 @@ def coverage_markdown(results: Sequence[ZooResult], command: str = "fcnify zoo")
             "",
         ]
     sections = [
-        _section(library, [f"Generated by `{command}`."], summary(results, library),
-                 [_row(r, onnx) for r in results if r.entry.library == library], onnx)
-        for library in ("torchvision", "timm") if any(r.entry.library == library for r in results)
+        _section(
+            library,
+            [f"Generated by `{command}`."],
+            summary(results, library),
+            [_row(r, onnx) for r in results if r.entry.library == library],
+            onnx,
+        )
+        for library in ("torchvision", "timm")
+        if any(r.entry.library == library for r in results)
     ]
     return "\n".join(lines) + "\n".join(sections)
 
@@ -653,27 +705,53 @@ def _parse_row(row: str, library: str) -> ZooResult:
 
 # -- command line -----------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``zoo`` options, shared by ``fcnify zoo`` and ``python -m fcnify.zoo``."""
     parser.add_argument("--torchvision", action="store_true", help="sweep torchvision (default: both libraries)")
     parser.add_argument("--timm", action="store_true", help="sweep one model per timm family")
-    parser.add_argument("--filter", metavar="PATTERN", help="glob on model name, library/name or family, e.g. "
-                        "'resnet*'; several, comma-separated: 'swin*,dla*'")
+    parser.add_argument(
+        "--filter",
+        metavar="PATTERN",
+        help="glob on model name, library/name or family, e.g. 'resnet*'; several, comma-separated: 'swin*,dla*'",
+    )
     parser.add_argument("--kind", metavar="KINDS", help="comma-separated kinds to sweep: cnn, transformer, hybrid, mlp")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all three)")
-    parser.add_argument("-o", "--output", metavar="PATH", help="write the Markdown table here (e.g. docs/coverage.md); "
-                        "a sweep of one library (--torchvision or --timm) replaces that library's section of an "
-                        "existing file and keeps the other; a sweep of some models (--filter, --kind) replaces "
-                        "their rows and keeps the others")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="write the Markdown table here (e.g. docs/coverage.md); "
+        "a sweep of one library (--torchvision or --timm) replaces that library's section of an "
+        "existing file and keeps the other; a sweep of some models (--filter, --kind) replaces "
+        "their rows and keeps the others",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="check N models at a time, each in "
-                        "its own process (default 1); combine with --threads so that N x threads <= cores")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (1 is much faster on a "
-                        "machine shared with other jobs: busy cores make multi-threaded kernels stall)")
-    parser.add_argument("--onnx", nargs="?", const="all", choices=("all", "cnn"), help="also export each "
-                        "window-mode conversion to ONNX and validate it in ONNX Runtime at three sizes (an ONNX "
-                        "column in the table); '--onnx cnn' exports the CNNs only (attention models can take tens "
-                        "of CPU-minutes each in the exporter)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="check N models at a time, each in "
+        "its own process (default 1); combine with --threads so that N x threads <= cores",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (1 is much faster on a "
+        "machine shared with other jobs: busy cores make multi-threaded kernels stall)",
+    )
+    parser.add_argument(
+        "--onnx",
+        nargs="?",
+        const="all",
+        choices=("all", "cnn"),
+        help="also export each "
+        "window-mode conversion to ONNX and validate it in ONNX Runtime at three sizes (an ONNX "
+        "column in the table); '--onnx cnn' exports the CNNs only (attention models can take tens "
+        "of CPU-minutes each in the exporter)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -697,12 +775,16 @@ def run(args: argparse.Namespace) -> int:
         kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
-            raise FcnifyError(f"unknown kind(s) {', '.join(unknown) or '(none)'} in --kind {args.kind}. "
-                              f"Hint: --kind {','.join(KINDS)}")
+            raise FcnifyError(
+                f"unknown kind(s) {', '.join(unknown) or '(none)'} in --kind {args.kind}. "
+                f"Hint: --kind {','.join(KINDS)}"
+            )
         entries = [e for e in entries if e.kind in kinds]
     if not entries:
-        raise FcnifyError(f"no model matches --filter {args.filter!r} --kind {args.kind!r}. "
-                          "Hint: the pattern is a glob, e.g. 'resnet*'.")
+        raise FcnifyError(
+            f"no model matches --filter {args.filter!r} --kind {args.kind!r}. "
+            "Hint: the pattern is a glob, e.g. 'resnet*'."
+        )
 
     command = "fcnify zoo" + "".join(f" {a}" for a in _command_args(args))
     some = bool(args.filter or args.kind)  # the rows of these models, not whole sections
@@ -721,8 +803,15 @@ def run(args: argparse.Namespace) -> int:
             with open(args.output, "w") as f:
                 f.write(text)
 
-    results = sweep(entries, modes, progress=not args.no_progress, on_result=report, onnx=args.onnx,
-                    jobs=args.jobs, threads=args.threads)
+    results = sweep(
+        entries,
+        modes,
+        progress=not args.no_progress,
+        on_result=report,
+        onnx=args.onnx,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
     for library in ("torchvision", "timm"):
         if any(r.entry.library == library for r in results):
             print(f"{library}: {summary(results, library)}")

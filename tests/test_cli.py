@@ -105,7 +105,17 @@ def test_broken_weights_file(tmp_path, capsys):
 def test_saved_model_file_as_model(tmp_path, capsys):
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.Flatten(), torch.nn.Linear(4 * 24 * 24, 10))
     torch.save(net, tmp_path / "lenet.pt")
-    code = main(["convert", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "28", "-o", str(tmp_path / "lenet.pt2")])
+    code = main(
+        [
+            "convert",
+            str(tmp_path / "lenet.pt"),
+            "--trust-pickle",
+            "--input-size",
+            "28",
+            "-o",
+            str(tmp_path / "lenet.pt2"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "kernel_size=(24, 24)" in capsys.readouterr().out
     program = torch.export.load(str(tmp_path / "lenet.pt2")).module()
@@ -160,7 +170,9 @@ def test_pretrained_timm_weights_come_from_the_local_hub_cache(tmp_path):
 
     model = timm.create_model("resnet18")
     torch.nn.init.constant_(model.fc.bias, 0.25)
-    _fake_hf_cache(tmp_path, model.pretrained_cfg["hf_hub_id"], {k: v.contiguous() for k, v in model.state_dict().items()})
+    _fake_hf_cache(
+        tmp_path, model.pretrained_cfg["hf_hub_id"], {k: v.contiguous() for k, v in model.state_dict().items()}
+    )
     env = dict(os.environ, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
     script = textwrap.dedent(
         """

@@ -13,15 +13,19 @@ from torch import nn
 import fcnify
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lenet():
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
+        nn.Conv2d(1, 6, 5),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 10),
     ).eval()
 
 
@@ -48,8 +52,14 @@ def tf_same_net():
     from timm.layers.pool2d_same import MaxPool2dSame
 
     return nn.Sequential(
-        Conv2dSame(3, 8, 3, stride=2), nn.Tanh(), MaxPool2dSame(3, stride=2), Conv2dSame(8, 8, 5, stride=2),
-        nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+        Conv2dSame(3, 8, 3, stride=2),
+        nn.Tanh(),
+        MaxPool2dSame(3, stride=2),
+        Conv2dSame(8, 8, 5, stride=2),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
     ).eval()
 
 
@@ -92,8 +102,10 @@ def assert_box_is_exact(fcn, geo, x, i, j):
         outside[:, :, top:bottom, left:right] = x[:, :, top:bottom, left:right]
         torch.testing.assert_close(fcn(outside)[0, :, i, j], ref, rtol=1e-5, atol=1e-5)
         for edge in (
-            (slice(top, top + 1), slice(left, right)), (slice(bottom - 1, bottom), slice(left, right)),
-            (slice(top, bottom), slice(left, left + 1)), (slice(top, bottom), slice(right - 1, right)),
+            (slice(top, top + 1), slice(left, right)),
+            (slice(bottom - 1, bottom), slice(left, right)),
+            (slice(top, bottom), slice(left, left + 1)),
+            (slice(top, bottom), slice(right - 1, right)),
         ):
             changed = x.clone()
             changed[:, :, edge[0], edge[1]] += 100.0

@@ -69,7 +69,9 @@ def test_the_last_pool_before_the_head_still_slides_with_stride_1():
     fcn = fcnify.convert(model, input_size=(8, 8))
     x = torch.randn(1, 3, 12, 13)
     with torch.no_grad():
-        crops = torch.stack([torch.stack([model(x[..., i:i + 8, j:j + 8])[0] for j in range(6)], -1) for i in range(5)], -2)
+        crops = torch.stack(
+            [torch.stack([model(x[..., i : i + 8, j : j + 8])[0] for j in range(6)], -1) for i in range(5)], -2
+        )
         torch.testing.assert_close(fcn(x)[0], crops, rtol=1e-5, atol=1e-5)
 
 

@@ -14,9 +14,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def small_net(classes=4):
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 8 * 8, classes),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, classes),
     ).eval()
 
 
@@ -160,11 +165,25 @@ def test_cli_model_file_and_errors(tmp_path, capsys):
     torch.save(small_net(3), tmp_path / "net.pt")
     image = tmp_path / "img.png"
     Image.fromarray((np.random.default_rng(3).random((50, 60, 3)) * 255).astype(np.uint8)).save(image)
-    code = main(["heatmap", str(tmp_path / "net.pt"), "--trust-pickle", str(image), "--input-size", "32", "--top", "2",
-                 "-o", str(tmp_path / "o.png")])
+    code = main(
+        [
+            "heatmap",
+            str(tmp_path / "net.pt"),
+            "--trust-pickle",
+            str(image),
+            "--input-size",
+            "32",
+            "--top",
+            "2",
+            "-o",
+            str(tmp_path / "o.png"),
+        ]
+    )
     assert code == 0 and (tmp_path / "o.png").exists()
     assert "5x8 cells of stride 4 over a 50x60 image" in capsys.readouterr().out
-    code = main(["heatmap", str(tmp_path / "net.pt"), "--trust-pickle", str(image), "--input-size", "32", "--class", "7"])
+    code = main(
+        ["heatmap", str(tmp_path / "net.pt"), "--trust-pickle", str(image), "--input-size", "32", "--class", "7"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
     assert main(["heatmap", str(tmp_path / "net.pt"), "--trust-pickle", str(tmp_path / "missing.png")]) == 1

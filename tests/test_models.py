@@ -8,8 +8,15 @@ import torchvision
 import fcnify
 from fcnify.zoo import calibrate_batchnorm
 
-FAST_TORCHVISION = ["resnet18", "vgg11", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "squeezenet1_1",
-                    "convnext_tiny"]
+FAST_TORCHVISION = [
+    "resnet18",
+    "vgg11",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "densenet121",
+    "squeezenet1_1",
+    "convnext_tiny",
+]
 FAST_TIMM = ["resnet18", "convnext_atto", "mobilenetv3_small_050"]
 MODES = ["window", "dense", "global"]
 

@@ -137,8 +137,9 @@ class PaddedStem(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3)
         self.pad = nn.ConstantPad2d(1, 0.0)
         self.pool = nn.MaxPool2d(3, 2)
-        self.head = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(16, 5))
+        self.head = nn.Sequential(
+            nn.Conv2d(8, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)
+        )
         with torch.no_grad():
             self.conv.bias.fill_(-2.0)  # mostly negative maps: border windows pool the padding's 0
 
@@ -178,7 +179,10 @@ def test_a_mismatch_at_some_sizes_only_is_explained():
     """torchvision's Swin skips its shift when the window covers the map: one path per size."""
     from fcnify.onnx import SizeCheck, _raise_on_mismatch
 
-    checks = [SizeCheck((224, 224), 2, [(2, 10, 1, 1)], 9e-3, 1e-4), SizeCheck((288, 352), 1, [(1, 10, 3, 5)], 1e-6, 1e-4)]
+    checks = [
+        SizeCheck((224, 224), 2, [(2, 10, 1, 1)], 9e-3, 1e-4),
+        SizeCheck((288, 352), 1, [(1, 10, 3, 5)], 1e-6, 1e-4),
+    ]
     with pytest.raises(fcnify.ExportError, match=r"at 224x224 max abs error 0.009 .* but agrees at 288x352: .*Hint"):
         _raise_on_mismatch("swin.onnx", checks)
     _raise_on_mismatch("swin.onnx", checks[1:])  # every size agrees: no error
@@ -217,16 +221,21 @@ class SpatialGate(nn.Module):
         self.conv = nn.Conv2d(channels, 1, 3, padding=1)
 
     def forward(self, x):
-        gate = nn.functional.interpolate(self.conv(self.pool(x)), size=x.shape[2:], mode="bilinear",
-                                         align_corners=True)
+        gate = nn.functional.interpolate(self.conv(self.pool(x)), size=x.shape[2:], mode="bilinear", align_corners=True)
         return x * gate.sigmoid()
 
 
 def test_an_adaptive_pool_inside_the_network_exports_for_every_size(tmp_path, one_thread):
     """The exporter lowers AdaptiveAvgPool2d((3, 3)) with the example's bins: wrong or failing elsewhere."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SpatialGate(8), nn.Conv2d(8, 8, 3, stride=2),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        SpatialGate(8),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
     fcn = fcnify.convert(net, input_size=(32, 32), mode="global")
     path = str(tmp_path / "gate.onnx")
     report = fcnify.export_onnx(fcn, path)
@@ -240,7 +249,9 @@ def test_an_adaptive_pool_frozen_at_export_is_caught(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((2, 2))).eval()
     fake = torch.fx.symbolic_trace(net)
     fake.conversion_report = types.SimpleNamespace(input_size=(3, 16, 16))  # passes for a conversion
-    frozen = r"(output 0 has fixed dimensions|ONNX Runtime gives shape \(2, 4, 1, 1\) where PyTorch gives \(2, 4, 2, 2\))"
+    frozen = (
+        r"(output 0 has fixed dimensions|ONNX Runtime gives shape \(2, 4, 1, 1\) where PyTorch gives \(2, 4, 2, 2\))"
+    )
     with pytest.raises(fcnify.ExportError, match=frozen):
         fcnify.export_onnx(fake, str(tmp_path / "frozen.onnx"))
     assert not os.path.exists(tmp_path / "frozen.onnx")  # a failed export leaves no file behind
@@ -271,8 +282,13 @@ def test_attention_on_3d_query_key_and_value_exports(tmp_path, one_thread):
     from fcnify._exportable import exportable
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), HeadsInBatchAttention(8, 2), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(8, 3)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 4, stride=4),
+        HeadsInBatchAttention(8, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
     fcn = fcnify.convert(net, input_size=(32, 32))
     path = str(tmp_path / "sam.onnx")
     report = fcnify.export_onnx(fcn, path)
@@ -284,13 +300,16 @@ def test_attention_on_3d_query_key_and_value_exports(tmp_path, one_thread):
     assert not any(n.target is sdpa for n in exportable(fcn).graph.nodes)
 
 
-@pytest.mark.parametrize("q, k, mask", [
-    ((6, 33, 16), (6, 35, 16), (6, 33, 35)),  # timm's samvit
-    ((6, 33, 16), (6, 35, 16), None),
-    ((33, 16), (35, 16), (33, 35)),
-    ((2, 3, 4, 33, 16), (1, 3, 4, 35, 16), (4, 33, 35)),  # broadcast batch dims
-    ((2, 4, 33, 16), (2, 4, 35, 16), (33, 35)),
-])
+@pytest.mark.parametrize(
+    "q, k, mask",
+    [
+        ((6, 33, 16), (6, 35, 16), (6, 33, 35)),  # timm's samvit
+        ((6, 33, 16), (6, 35, 16), None),
+        ((33, 16), (35, 16), (33, 35)),
+        ((2, 3, 4, 33, 16), (1, 3, 4, 35, 16), (4, 33, 35)),  # broadcast batch dims
+        ((2, 4, 33, 16), (2, 4, 35, 16), (33, 35)),
+    ],
+)
 def test_attention_on_any_rank_computes_what_pytorch_does(q, k, mask):
     from fcnify._exportable import scaled_dot_product_attention as exportable_attention
 
@@ -301,6 +320,7 @@ def test_attention_on_any_rank_computes_what_pytorch_does(q, k, mask):
     out = exportable_attention(q, k, v, attn_mask=mask)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # 3D: bit for bit with PyTorch 2.14 on CPU
+
 
 class TwoScales(nn.Module):
     """mobilenetv5_300m's end: timm's MSFA fuses the stride-2 and stride-4 maps and brings them to 6x6."""
@@ -329,7 +349,9 @@ def test_mobilenetv5_msfa_exports_right_at_its_training_size_too(tmp_path, one_t
     report = fcnify.export_onnx(fcn, path)
     assert report.passed and report.max_abs_error < 1e-5 and report.traced_size is None
     assert assert_matches_at(fcn, path, (96, 72)) > 0.1  # 48x36: pooled by 8 and 6
-    assert type(fcn.get_submodule("msfa")).__name__ == "MobileNetV5MultiScaleFusionAdapter"  # the user's model is untouched
+    assert (
+        type(fcn.get_submodule("msfa")).__name__ == "MobileNetV5MultiScaleFusionAdapter"
+    )  # the user's model is untouched
     from fcnify._exportable import exportable, MultiScaleFusion
 
     assert type(exportable(fcn).get_submodule("msfa")) is MultiScaleFusion
@@ -380,8 +402,9 @@ class PadOddMaps(nn.Module):
 
 
 def two_blocks(block):
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), block(4), block(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), block(4), block(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
 
 
 def test_a_shape_guard_the_export_solver_cannot_solve_does_not_stop_the_export(tmp_path, one_thread):
@@ -464,7 +487,9 @@ def test_a_naive_export_of_vgg_freezes_its_gemm_and_validation_says_so(tmp_path)
     [("vgg11", "window"), ("resnet18", "dense"), ("efficientnet_b0", "window"), ("convnext_tiny", "window")],
 )
 def test_torchvision_models_export_and_validate_at_three_sizes(name, mode, tmp_path):
-    fcn = fcnify.convert(calibrate_batchnorm(torchvision.models.get_model(name), (224, 224)), input_size=(224, 224), mode=mode)
+    fcn = fcnify.convert(
+        calibrate_batchnorm(torchvision.models.get_model(name), (224, 224)), input_size=(224, 224), mode=mode
+    )
     path = str(tmp_path / f"{name}.onnx")
     report = fcnify.export_onnx(fcn, path)
     assert report.passed and report.sizes == [(224, 224), (288, 352), (257, 289)]
@@ -486,7 +511,12 @@ def test_convert_to_onnx_picks_the_format_from_the_extension(tmp_path, capsys):
 def test_cli_export_gives_a_file_that_runs_at_any_size_without_fcnify_or_torch(tmp_path, capsys):
     torch.save(LeNet().eval(), tmp_path / "lenet.pt")
     out = str(tmp_path / "lenet.onnx")
-    assert main(["export", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "--mode", "dense", "-o", out]) == 0
+    assert (
+        main(
+            ["export", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "--mode", "dense", "-o", out]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "LeNet -> fully convolutional (dense mode" in printed and "max abs error" in printed
     script = textwrap.dedent(
@@ -509,6 +539,19 @@ def test_cli_export_mistakes_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "-o", "lenet.pt2"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fcnify: error: fcnify export writes ONNX") and "Hint:" in err and len(err.splitlines()) == 1
-    assert main(["export", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "-o", str(tmp_path / "no" / "x.onnx")]) == 1
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "lenet.pt"),
+                "--trust-pickle",
+                "--input-size",
+                "32",
+                "-o",
+                str(tmp_path / "no" / "x.onnx"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "does not exist. Hint: create it first" in err and len(err.splitlines()) == 1

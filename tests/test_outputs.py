@@ -21,17 +21,39 @@ from fcnify import FcnifyError  # noqa: E402
 from fcnify._outputs import OutputError, write_geojson, write_geotiff, write_output, write_tiff  # noqa: E402
 
 
-def make_store(path, scores, *, stride=(32, 32), offset=(111.5, 111.5), classes=None, mpp=0.5, crs=None,
-               transform=None, affine=None, chunks=(64, 64)):
+def make_store(
+    path,
+    scores,
+    *,
+    stride=(32, 32),
+    offset=(111.5, 111.5),
+    classes=None,
+    mpp=0.5,
+    crs=None,
+    transform=None,
+    affine=None,
+    chunks=(64, 64),
+):
     """A store as fcnify.predict writes it, with zarr."""
     group = zarr.open_group(str(path), mode="w")
-    array = group.create_array("scores", shape=scores.shape, chunks=(scores.shape[0], *chunks), dtype=scores.dtype,
-                               fill_value=np.nan)
+    array = group.create_array(
+        "scores", shape=scores.shape, chunks=(scores.shape[0], *chunks), dtype=scores.dtype, fill_value=np.nan
+    )
     array[:] = scores
-    attrs = {"version": "0.1.0", "model": "tiny", "classes": classes or [f"c{k}" for k in range(scores.shape[0])],
-             "stride": list(stride), "offset": list(offset), "receptive_field": [224, 224], "level": 0,
-             "downsample": 1.0, "mpp": mpp, "image": {"path": "slide.tif", "shape": [0, 0, 3]}, "crs": crs,
-             "fill": "nan"}
+    attrs = {
+        "version": "0.1.0",
+        "model": "tiny",
+        "classes": classes or [f"c{k}" for k in range(scores.shape[0])],
+        "stride": list(stride),
+        "offset": list(offset),
+        "receptive_field": [224, 224],
+        "level": 0,
+        "downsample": 1.0,
+        "mpp": mpp,
+        "image": {"path": "slide.tif", "shape": [0, 0, 3]},
+        "crs": crs,
+        "fill": "nan",
+    }
     if transform is not None:
         attrs["transform"] = list(transform)
     if affine is not None:
@@ -70,6 +92,7 @@ def halve_mean(a):
 
 
 # -- TIFF ----------------------------------------------------------------------------------------
+
 
 def test_tiff_ome_pyramid_holds_the_scores_and_the_cell_size(tmp_path):
     scores = random_scores(3, 300, 700)
@@ -149,13 +172,23 @@ def test_tiff_large_map_many_tiles(tmp_path):
 
 # -- GeoTIFF -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def scene(tmp_path):
     """A 3-band UTM 33N scene written by rasterio: 0.5 m pixels, north up."""
     transform = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 5200000.0)
     path = tmp_path / "scene.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=1200, height=1000, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=transform) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=1200,
+        height=1000,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=transform,
+    ) as dst:
         dst.write(np.zeros((3, 1000, 1200), np.uint8))
     return str(path)
 
@@ -167,8 +200,15 @@ def test_geotiff_cells_lie_on_the_scene_pixels_they_are_centred_on(tmp_path, sce
     stride, offset = (32, 16), (112, 104)  # integer centres: each cell centre is one scene pixel
     scores = random_scores(2, 28, 70, seed=4, holes=False)
     georef = {"transform": t0.to_gdal()} if key == "transform" else {"affine": tuple(t0)[:6]}
-    store = make_store(tmp_path / "map.zarr", scores, stride=stride, offset=offset, crs=crs.to_wkt(),
-                       classes=["land", "water"], **georef)
+    store = make_store(
+        tmp_path / "map.zarr",
+        scores,
+        stride=stride,
+        offset=offset,
+        crs=crs.to_wkt(),
+        classes=["land", "water"],
+        **georef,
+    )
     out = write_geotiff(store, tmp_path / "map.tif")
     with rasterio.open(out) as dst, rasterio.open(scene) as src:
         assert dst.crs == src.crs
@@ -186,8 +226,9 @@ def test_geotiff_half_pixel_offsets_and_labels(tmp_path, scene):
     with rasterio.open(scene) as src:
         t0, crs = src.transform, src.crs
     scores = random_scores(3, 300, 280, seed=5)
-    store = make_store(tmp_path / "map.zarr", scores, stride=(32, 32), offset=(111.5, 111.5), crs=crs.to_wkt(),
-                       transform=t0.to_gdal())
+    store = make_store(
+        tmp_path / "map.zarr", scores, stride=(32, 32), offset=(111.5, 111.5), crs=crs.to_wkt(), transform=t0.to_gdal()
+    )
     out = write_geotiff(store, tmp_path / "labels.tif", top=1)
     with rasterio.open(out) as dst:
         centre = dst.transform @ (2 + 0.5, 1 + 0.5)  # cell (1, 2)
@@ -199,14 +240,20 @@ def test_geotiff_half_pixel_offsets_and_labels(tmp_path, scene):
 
 
 def test_geotiff_without_a_transform_uses_level0_pixels(tmp_path):
-    store = make_store(tmp_path / "map.zarr", random_scores(1, 20, 30, holes=False), stride=(32, 32),
-                       offset=(111.5, 111.5), crs="EPSG:32633")  # a CRS without a transform: not applied to pixels
+    store = make_store(
+        tmp_path / "map.zarr",
+        random_scores(1, 20, 30, holes=False),
+        stride=(32, 32),
+        offset=(111.5, 111.5),
+        crs="EPSG:32633",
+    )  # a CRS without a transform: not applied to pixels
     with rasterio.open(write_geotiff(store, tmp_path / "px.tif")) as dst:
         assert dst.crs is None
         assert dst.transform @ (0, 0) == pytest.approx((96.0, 96.0))  # 111.5 + 0.5 - 16
 
 
 # -- GeoJSON -------------------------------------------------------------------------------------
+
 
 def blob_scores(h=20, w=30):
     """Class 'tumour' wins a 3x5 block of cells with a one-cell hole, 'stroma' wins everywhere else."""
@@ -219,8 +266,9 @@ def blob_scores(h=20, w=30):
 
 
 def test_geojson_blob_comes_back_at_its_level0_coordinates(tmp_path):
-    store = make_store(tmp_path / "map.zarr", blob_scores(), stride=(32, 16), offset=(111.5, 103.5),
-                       classes=["tumour", "stroma"])
+    store = make_store(
+        tmp_path / "map.zarr", blob_scores(), stride=(32, 16), offset=(111.5, 103.5), classes=["tumour", "stroma"]
+    )
     out = write_geojson(store, tmp_path / "map.geojson", classes="tumour")
     collection = json.load(open(out))
     assert collection["type"] == "FeatureCollection" and "crs" not in collection
@@ -237,8 +285,15 @@ def test_geojson_blob_comes_back_at_its_level0_coordinates(tmp_path):
 def test_geojson_every_class_raw_scores_and_crs(tmp_path, scene):
     with rasterio.open(scene) as src:
         t0, crs = src.transform, src.crs
-    store = make_store(tmp_path / "map.zarr", blob_scores(), stride=(32, 32), offset=(16, 16),
-                       classes=["tumour", "stroma"], crs=crs.to_wkt(), transform=t0.to_gdal())
+    store = make_store(
+        tmp_path / "map.zarr",
+        blob_scores(),
+        stride=(32, 32),
+        offset=(16, 16),
+        classes=["tumour", "stroma"],
+        crs=crs.to_wkt(),
+        transform=t0.to_gdal(),
+    )
     out = write_geojson(store, tmp_path / "all.geojson", probabilities=False, threshold=3.0)
     collection = json.load(open(out))
     assert collection["crs"]["properties"]["name"] == "EPSG:32633"
@@ -262,6 +317,7 @@ def test_geojson_probabilities_threshold(tmp_path):
 
 
 # -- write_output --------------------------------------------------------------------------------
+
 
 def test_write_output_picks_the_format_and_writes_safely(tmp_path):
     store = make_store(tmp_path / "map.zarr", random_scores(2, 40, 50, holes=False))
@@ -341,8 +397,9 @@ def test_writers_read_the_store_window_by_window(tmp_path, monkeypatch):
             return out
 
     real_open = outputs._open
-    monkeypatch.setattr(outputs, "_open", lambda s: outputs.dataclasses.replace(real_open(s),
-                                                                               scores=Recording(real_open(s).scores)))
+    monkeypatch.setattr(
+        outputs, "_open", lambda s: outputs.dataclasses.replace(real_open(s), scores=Recording(real_open(s).scores))
+    )
     write_tiff(store, tmp_path / "a.tif", classes="c1")
     write_geotiff(store, tmp_path / "b.tif", top=1)
     write_geojson(store, tmp_path / "c.geojson")

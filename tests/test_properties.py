@@ -38,7 +38,9 @@ class Spec:
     @property
     def final_pool_is_global(self) -> bool:
         """The last 2x2 pool covers the whole 2x2 map at the training size: fcnify makes it global."""
-        return self.convs[-1][2] is not None and all(self.feature_size(n, before_last_pool=True) == 2 for n in self.size)
+        return self.convs[-1][2] is not None and all(
+            self.feature_size(n, before_last_pool=True) == 2 for n in self.size
+        )
 
     @property
     def stride(self) -> int:
@@ -163,7 +165,7 @@ def crops(model: nn.Module, x: torch.Tensor, spec: Spec) -> torch.Tensor:
     """The classifier on every training-size crop at the body's stride: ``(N, K, rows, cols)``."""
     (h, w), s = spec.size, spec.stride
     rows, cols = (x.shape[2] - h) // s + 1, (x.shape[3] - w) // s + 1
-    out = [[model(x[:, :, i * s: i * s + h, j * s: j * s + w]) for j in range(cols)] for i in range(rows)]
+    out = [[model(x[:, :, i * s : i * s + h, j * s : j * s + w]) for j in range(cols)] for i in range(rows)]
     return torch.stack([torch.stack(row, -1) for row in out], -2)
 
 

@@ -72,8 +72,10 @@ def crops(model: nn.Module, x: torch.Tensor, stride: int = STRIDE, size=(H, W)):
     h, w = size
     rows, cols = (x.shape[2] - h) // stride + 1, (x.shape[3] - w) // stride + 1
     with torch.no_grad():
-        out = [[model(x[:, :, i * stride: i * stride + h, j * stride: j * stride + w]) for j in range(cols)]
-               for i in range(rows)]
+        out = [
+            [model(x[:, :, i * stride : i * stride + h, j * stride : j * stride + w]) for j in range(cols)]
+            for i in range(rows)
+        ]
     return torch.stack([torch.stack(row, -1) for row in out], -2)
 
 
@@ -279,7 +281,9 @@ def test_global_pool_spellings(spelling):
             assert fcn_global(x).shape == (2, 5)
 
 
-@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AvgPool2d(MAP, padding=1), nn.MaxPool2d(MAP, stride=1, padding=1)])
+@pytest.mark.parametrize(
+    "pool", [nn.AvgPool2d(2), nn.AvgPool2d(MAP, padding=1), nn.MaxPool2d(MAP, stride=1, padding=1)]
+)
 def test_pool_that_is_not_global_stays_in_the_body(pool):
     """A fixed pool that does not cover exactly the whole map is not a global pool."""
     model = prepare(Net(nn.Sequential(pool, nn.Flatten()), nn.Linear(1, 5)))
@@ -394,10 +398,12 @@ def test_adaptive_pool_followed_by_a_map_op_is_refused():
 
 
 def test_batchnorm1d_becomes_batchnorm2d_with_the_same_state():
-    model = prepare(Net(
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-        nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)),
-    ))
+    model = prepare(
+        Net(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)),
+        )
+    )
     fcn = fcnify.convert(model, (H, W))
     assert "BatchNorm1dToBatchNorm2d" in rules_applied(fcn)
     (bn,) = modules_of(fcn.head, nn.BatchNorm2d)
@@ -553,10 +559,12 @@ def test_non_per_feature_operand_is_refused():
 
 
 def test_affine_head_gives_class_activation_maps_in_dense_mode():
-    model = prepare(Net(
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-        nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 5)),
-    ))
+    model = prepare(
+        Net(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 5)),
+        )
+    )
     fcn = fcnify.convert(model, (H, W), mode="dense")
     assert fcn.conversion_report.checks == ["mean"]
     x = torch.randn(2, C, H, W)
@@ -663,7 +671,9 @@ def test_linear_over_positions_is_refused_as_such():
             return self.fc(self.mix(x.flatten(2)).flatten(1))
 
     model = prepare(Net(nn.Identity(), OverPositions()))
-    with pytest.raises(UnsupportedModelError, match=rf"node 'head_mix'.*across the {MAP * MAP} positions.*Hint: flatten") as info:
+    with pytest.raises(
+        UnsupportedModelError, match=rf"node 'head_mix'.*across the {MAP * MAP} positions.*Hint: flatten"
+    ) as info:
         fcnify.convert(model, (H, W))
     assert "transformer" not in str(info.value)
 
@@ -707,18 +717,22 @@ def test_model_without_head_is_refused():
 
 
 def _state(model):
-    return ({k: v.clone() for k, v in model.state_dict(keep_vars=False).items()},
-            [(name, m.training) for name, m in model.named_modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()},
+        [(name, m.training) for name, m in model.named_modules()],
+    )
 
 
 @pytest.mark.parametrize("mode", ["window", "dense", "global"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_model_is_not_modified(mode, training):
-    model = prepare(Net(
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-        nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 5)),
-        nn.Sequential(*body(), nn.BatchNorm2d(FEAT)),
-    ))
+    model = prepare(
+        Net(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 5)),
+            nn.Sequential(*body(), nn.BatchNorm2d(FEAT)),
+        )
+    )
     model.train(training)
     params, flags = _state(model)
     before = copy.deepcopy(model)
@@ -739,11 +753,13 @@ def test_model_is_not_modified(mode, training):
 
 def test_training_flags_are_kept_per_module():
     """A model fine-tuned with frozen batch norms keeps them frozen after conversion."""
-    model = prepare(Net(
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-        nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)),
-        nn.Sequential(*body(), nn.BatchNorm2d(FEAT)),
-    ))
+    model = prepare(
+        Net(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            nn.Sequential(nn.Linear(FEAT, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)),
+            nn.Sequential(*body(), nn.BatchNorm2d(FEAT)),
+        )
+    )
     model.train()
     model.body[-1].eval()
     model.head[1].eval()

@@ -15,10 +15,15 @@ ODD_SIZES = [(65, 97), (97, 71)]
 def _tiny(classes=5):
     """Three stride-2 convolutions (stride 8, cell i centred on pixel 8 i), pool, Linear."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, classes),
     ).eval()
 
 
@@ -47,8 +52,9 @@ def test_bilinear_kernel_is_a_partition_of_unity():
         assert torch.allclose(padded[:s] + padded[s:], torch.ones(s))
 
 
-@pytest.mark.parametrize("skips, variant, strides", [((), "FCN-8s", [8]), ((4,), "FCN-4s", [8, 4]),
-                                                     ("auto", "FCN-2s", [8, 4, 2])])
+@pytest.mark.parametrize(
+    "skips, variant, strides", [((), "FCN-8s", [8]), ((4,), "FCN-4s", [8, 4]), ("auto", "FCN-2s", [8, 4, 2])]
+)
 @pytest.mark.parametrize("upsample", ["bilinear", "transposed"])
 def test_tiny_shapes(one_thread, skips, variant, strides, upsample):
     seg = fcnify.segmenter(_tiny(), num_classes=3, input_size=(32, 32), skips=skips, upsample=upsample)

@@ -20,9 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def padding_free(head: str = "flatten"):
     """Stride 8: max pool, average pool (no dilation argument) and a strided convolution."""
     layers = [
-        nn.Conv2d(3, 6, 3), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3), nn.Tanh(), nn.AvgPool2d(2),
-        nn.Conv2d(8, 8, 3, stride=2), nn.Tanh(),
+        nn.Conv2d(3, 6, 3),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.Tanh(),
     ]
     if head == "flatten":  # 30 -> 28 -> 14 -> 12 -> 6 -> 2: Linear over 8x2x2
         layers += [nn.Flatten(), nn.Linear(8 * 2 * 2, 5)]
@@ -35,7 +40,7 @@ def shift_and_stitch(model, x, size, s):
     """The classifier on every ``size`` crop at stride ``s``: (K, rows, cols)."""
     rows = (x.shape[2] - size) // s + 1
     cols = (x.shape[3] - size) // s + 1
-    crops = [x[:, :, i * s: i * s + size, j * s: j * s + size] for i in range(rows) for j in range(cols)]
+    crops = [x[:, :, i * s : i * s + size, j * s : j * s + size] for i in range(rows) for j in range(cols)]
     with torch.no_grad():
         logits = model(torch.cat(crops))
     return logits.t().reshape(-1, rows, cols)
@@ -132,19 +137,23 @@ def test_resnet18_interior_equals_shift_and_stitch():
         checked = 0
         for a, b in [(1, 1), (0, 1)]:
             if True:
-                shifted = native(x[:, :, a * 16:, b * 16:])  # the classifier's windows moved by (a, b) * 16
+                shifted = native(x[:, :, a * 16 :, b * 16 :])  # the classifier's windows moved by (a, b) * 16
                 for i in range(shifted.shape[2]):
                     for j in range(shifted.shape[3]):
                         top, left, bottom, right = geo.box(i, j)
                         if top >= 0 and left >= 0 and bottom <= 480 - a * 16 and right <= 480 - b * 16:
-                            torch.testing.assert_close(out[0, :, a + 2 * i, b + 2 * j], shifted[0, :, i, j], rtol=1e-4, atol=1e-4)
+                            torch.testing.assert_close(
+                                out[0, :, a + 2 * i, b + 2 * j], shifted[0, :, i, j], rtol=1e-4, atol=1e-4
+                            )
                             checked += 1
     assert checked == 3  # the cells whose window lies inside both images
 
 
 def test_errors():
     model = padding_free()
-    with pytest.raises(fcnify.FcnifyError, match=r"does not divide the network's stride 8x8.*Hint: use one of 1, 2, 4, 8"):
+    with pytest.raises(
+        fcnify.FcnifyError, match=r"does not divide the network's stride 8x8.*Hint: use one of 1, 2, 4, 8"
+    ):
         fcnify.convert(model, input_size=(30, 30), output_stride=3)
     with pytest.raises(fcnify.FcnifyError, match="global mode"):
         fcnify.convert(model, input_size=(30, 30), mode="global", output_stride=2)

@@ -41,7 +41,9 @@ def whole(fcn, x):
         return fcn(x)
 
 
-@pytest.mark.parametrize("size,tile,batch", [((150, 173), (80, 96), 1), ((201, 130), (77, 130), 3), ((64, 64), (200, 200), 1)])
+@pytest.mark.parametrize(
+    "size,tile,batch", [((150, 173), (80, 96), 1), ((201, 130), (77, 130), 3), ((64, 64), (200, 200), 1)]
+)
 def test_equals_whole_image(fcn, size, tile, batch):
     x = torch.randn(1, 3, *size)
     tiled = fcnify.predict_tiled(fcn, x, tile=tile, batch_size=batch, progress=False)
@@ -58,7 +60,7 @@ def test_tiles_overlap_and_cover_every_cell_once(fcn):
     for t in tiles:
         assert t.y0 % geo.stride[0] == 0 and t.x0 % geo.stride[1] == 0  # aligned to the stride
         assert t.y1 - t.y0 <= 80 and t.x1 - t.x0 <= 96
-        seen[t.i0:t.i1, t.j0:t.j1] += 1
+        seen[t.i0 : t.i1, t.j0 : t.j1] += 1
     assert (seen == 1).all()
 
 

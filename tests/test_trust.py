@@ -169,7 +169,9 @@ def test_a_bad_input_size_is_one_clear_error(bad):
 
 def test_a_training_size_too_large_for_memory_is_refused_with_the_estimate():
     """--input-size 100000 used to try to allocate 240 GB; the estimate runs on fake tensors."""
-    with pytest.raises(fcnify.FcnifyError, match=r"needs about [\d.]+ [TP]B of memory .* available\. Hint: input_size is"):
+    with pytest.raises(
+        fcnify.FcnifyError, match=r"needs about [\d.]+ [TP]B of memory .* available\. Hint: input_size is"
+    ):
         fcnify.convert(torchvision.models.resnet18(), input_size=(100000, 100000))
 
 
@@ -207,9 +209,14 @@ def test_an_onnx_export_replaces_the_file_only_when_it_is_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-@pytest.mark.parametrize("name, message", [
-    ("folder", "is a folder"), ("x.xyz", "must end in .png"), ("missing/x.png", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("folder", "is a folder"),
+        ("x.xyz", "must end in .png"),
+        ("missing/x.png", "does not exist"),
+    ],
+)
 def test_a_heatmap_picture_path_is_checked_before_drawing(tmp_path, name, message):
     (tmp_path / "folder").mkdir()
     fcn = fcnify.convert(small_cnn(), input_size=(8, 8))
@@ -226,15 +233,19 @@ def small_fcn():
     return fcnify.convert(small_cnn(), input_size=(8, 8))
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda f: fcnify.predict_padded(f, torch.rand(1, 1, 20, 20)), "reads 3-channel images, got 1"),
-    (lambda f: fcnify.predict_tiled(f, torch.rand(1, 20, 20), progress=False), "reads 3-channel images"),
-    (lambda f: fcnify.predict_padded(f, (torch.rand(1, 3, 20, 20) * 255).to(torch.uint8)), "floating-point images"),
-    (lambda f: fcnify.predict_tiled(f, torch.rand(3, 20, 20), device="bogus", progress=False), "unknown device"),
-    (lambda f: fcnify.convert(None, input_size=(8, 8)), "expected a torch.nn.Module"),
-    (lambda f: fcnify.convert(small_cnn(), input_size=(8, 8), rtol="x"), "rtol must be a positive number"),
-    (lambda f: fcnify.valid_sizes(f, (-3, 8)), "positive sizes"),
-], ids=["channels-padded", "channels-tiled", "uint8", "device", "none-model", "rtol", "negative-size"])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda f: fcnify.predict_padded(f, torch.rand(1, 1, 20, 20)), "reads 3-channel images, got 1"),
+        (lambda f: fcnify.predict_tiled(f, torch.rand(1, 20, 20), progress=False), "reads 3-channel images"),
+        (lambda f: fcnify.predict_padded(f, (torch.rand(1, 3, 20, 20) * 255).to(torch.uint8)), "floating-point images"),
+        (lambda f: fcnify.predict_tiled(f, torch.rand(3, 20, 20), device="bogus", progress=False), "unknown device"),
+        (lambda f: fcnify.convert(None, input_size=(8, 8)), "expected a torch.nn.Module"),
+        (lambda f: fcnify.convert(small_cnn(), input_size=(8, 8), rtol="x"), "rtol must be a positive number"),
+        (lambda f: fcnify.valid_sizes(f, (-3, 8)), "positive sizes"),
+    ],
+    ids=["channels-padded", "channels-tiled", "uint8", "device", "none-model", "rtol", "negative-size"],
+)
 def test_api_mistakes_are_fcnify_errors(small_fcn, call, message):
     with pytest.raises(fcnify.FcnifyError, match=message):
         call(small_fcn)

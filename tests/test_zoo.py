@@ -108,8 +108,12 @@ TIMM_ENTRIES = {e.name: e for e in zoo.timm_entries()}
 #: Representatives left to the sweep, each with its reason (measured cost on 2 busy CPU cores).
 TIMM_SKIP = {
     # transformers and hybrids: the sweep records their refusal or conversion
-    **{e.name: f"{e.kind} family '{e.family}': covered by `fcnify zoo` (docs/coverage.md); the test budget goes "
-       "to the CNN families" for e in TIMM_ENTRIES.values() if e.kind != "cnn"},
+    **{
+        e.name: f"{e.kind} family '{e.family}': covered by `fcnify zoo` (docs/coverage.md); the test budget goes "
+        "to the CNN families"
+        for e in TIMM_ENTRIES.values()
+        if e.kind != "cnn"
+    },
     # CNNs above the 5-GFLOP budget (GFLOPs at the pretrained_cfg size)
     "convmixer_1024_20_ks9_p14": "5.6 GFLOPs with a 1024-channel trunk at full resolution",
     "inception_resnet_v2": "13 GFLOPs at 299x299",
@@ -145,6 +149,7 @@ def test_every_timm_family_has_a_representative():
 
 # -- the closest peer's failures: timm's TestTimePoolHead -------------------------------------
 
+
 def _test_time_pool(model):
     from timm.layers import TestTimePoolHead
 
@@ -154,11 +159,14 @@ def _test_time_pool(model):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name, peer", [
-    ("convnext_atto", "wrong"),  # TestTimePoolHead skips the head norm: silently different logits
-    ("mobilenetv3_small_050", "crash"),  # conv head with a hidden size: the 1x1 conv has the wrong shape
-    ("vgg11", "crash"),  # ConvMlp pre-logits: same
-])
+@pytest.mark.parametrize(
+    "name, peer",
+    [
+        ("convnext_atto", "wrong"),  # TestTimePoolHead skips the head norm: silently different logits
+        ("mobilenetv3_small_050", "crash"),  # conv head with a hidden size: the 1x1 conv has the wrong shape
+        ("vgg11", "crash"),  # ConvMlp pre-logits: same
+    ],
+)
 def test_peer_failures_are_exact_here(name, peer):
     model = timm.create_model(name).eval()
     size = tuple(model.pretrained_cfg["input_size"][1:])
@@ -183,6 +191,7 @@ def test_peer_failures_are_exact_here(name, peer):
 
 
 # -- several outputs in eval mode -------------------------------------------------------------
+
 
 class MainAndAux(nn.Module):
     """A classifier returning ``(main, aux)`` in eval mode, the aux head on an earlier map."""
@@ -231,9 +240,23 @@ def _inception_v3_with_aux():
         """torchvision's Inception v3, returning its auxiliary logits in eval mode too."""
 
         def _forward(self, x):
-            for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                         "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                         "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+            for name in (
+                "Conv2d_1a_3x3",
+                "Conv2d_2a_3x3",
+                "Conv2d_2b_3x3",
+                "maxpool1",
+                "Conv2d_3b_1x1",
+                "Conv2d_4a_3x3",
+                "maxpool2",
+                "Mixed_5b",
+                "Mixed_5c",
+                "Mixed_5d",
+                "Mixed_6a",
+                "Mixed_6b",
+                "Mixed_6c",
+                "Mixed_6d",
+                "Mixed_6e",
+            ):
                 x = getattr(self, name)(x)
             aux = self.AuxLogits(x)
             for name in ("Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool", "dropout"):
@@ -305,6 +328,7 @@ def test_inception_v3_auxiliary_head_converts():
 
 # -- the sweep, the table and the command -----------------------------------------------------
 
+
 def test_check_reports_exact_refused_and_failed():
     exact = zoo.check(zoo.ZooEntry("torchvision", "squeezenet1_1", "squeezenet"), modes=("window",))
     assert exact.status == "exact" and exact.modes == {"window": "exact"}
@@ -335,8 +359,27 @@ def test_sweep_in_two_processes_with_the_onnx_column(tmp_path, capsys):
     from fcnify.cli import main
 
     out = tmp_path / "coverage.md"
-    assert main(["zoo", "--torchvision", "--filter", "squeezenet*", "--modes", "window", "--onnx", "--jobs", "2",
-                 "--threads", "1", "--no-progress", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "--torchvision",
+                "--filter",
+                "squeezenet*",
+                "--modes",
+                "window",
+                "--onnx",
+                "--jobs",
+                "2",
+                "--threads",
+                "1",
+                "--no-progress",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "2/2 converted models exported and validated" in capsys.readouterr().out
     text = out.read_text()
     assert "--onnx --jobs 2 --threads 1 -o" in text and "| ONNX |" in text
@@ -348,9 +391,16 @@ def test_sweep_in_two_processes_with_the_onnx_column(tmp_path, capsys):
 
 
 def _fake(library, name, family, kind="cnn", status="exact", onnx=None):
-    return zoo.ZooResult(zoo.ZooEntry(library, name, family, kind), status, reason="" if status == "exact" else "why",
-                         modes={"window": status}, max_abs_error=1e-7, input_size=(3, 224, 224), onnx=onnx,
-                         onnx_reason="failed: because" if onnx == "failed" else "")
+    return zoo.ZooResult(
+        zoo.ZooEntry(library, name, family, kind),
+        status,
+        reason="" if status == "exact" else "why",
+        modes={"window": status},
+        max_abs_error=1e-7,
+        input_size=(3, 224, 224),
+        onnx=onnx,
+        onnx_reason="failed: because" if onnx == "failed" else "",
+    )
 
 
 def test_a_sweep_of_one_library_keeps_the_other_section():
@@ -365,20 +415,47 @@ def test_a_sweep_of_some_models_replaces_their_rows_and_recounts(tmp_path, capsy
     from fcnify.cli import main
 
     out = tmp_path / "coverage.md"
-    out.write_text(zoo.coverage_markdown([
-        _fake("torchvision", "alexnet", "alexnet"),
-        _fake("timm", "lcnet_035", "mobilenetv3", status="failed"),
-        _fake("timm", "davit_tiny", "davit", "transformer"),
-    ], "fcnify zoo --timm"))
+    out.write_text(
+        zoo.coverage_markdown(
+            [
+                _fake("torchvision", "alexnet", "alexnet"),
+                _fake("timm", "lcnet_035", "mobilenetv3", status="failed"),
+                _fake("timm", "davit_tiny", "davit", "transformer"),
+            ],
+            "fcnify zoo --timm",
+        )
+    )
     assert main(["zoo", "--timm", "--filter", "lcnet_035", "--modes", "window", "--no-progress", "-o", str(out)]) == 0
     text = out.read_text()
     assert "Generated by `fcnify zoo --timm`." in text and "`alexnet`" in text and "`davit_tiny`" in text
-    assert "Rows of the models it matches re-checked by `fcnify zoo --timm --filter 'lcnet_035' --modes window -o" in text
+    assert (
+        "Rows of the models it matches re-checked by `fcnify zoo --timm --filter 'lcnet_035' --modes window -o" in text
+    )
     assert "| `lcnet_035` | mobilenetv3 | cnn | 224x224 | exact |" in text and "failed" not in text
-    assert "**1/1 CNN family representatives exact; 1 transformer, hybrid or MLP family representatives: 1 exact.**" in text
+    assert (
+        "**1/1 CNN family representatives exact; 1 transformer, hybrid or MLP family representatives: 1 exact.**"
+        in text
+    )
     # no ONNX column before: a sweep with --onnx adds it, and the other rows get an empty cell
-    assert main(["zoo", "--timm", "--kind", "cnn", "--filter", "lcnet_035", "--modes", "window", "--onnx",
-                 "--no-progress", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "--timm",
+                "--kind",
+                "cnn",
+                "--filter",
+                "lcnet_035",
+                "--modes",
+                "window",
+                "--onnx",
+                "--no-progress",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "*ONNX*:" in text and "| ONNX |" in text and "ONNX: 1/1 converted models exported" in text
     assert re.search(r"\| `lcnet_035` .* \| \S+ at 3 sizes \(\d+ s\) \|", text)
@@ -393,8 +470,12 @@ def test_zoo_command_writes_the_table(tmp_path, capsys):
     from fcnify.cli import main
 
     out = tmp_path / "coverage.md"
-    assert main(["zoo", "--torchvision", "--filter", "squeezenet1_1", "--modes", "window", "--no-progress",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            ["zoo", "--torchvision", "--filter", "squeezenet1_1", "--modes", "window", "--no-progress", "-o", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "torchvision: 1/1 CNN models exact" in printed
     assert "`squeezenet1_1`" in out.read_text()
@@ -457,4 +538,3 @@ def test_coverage_doc_onnx_column_every_converted_model_exports():
         match = re.fullmatch(r"(\S+) at 3 sizes \(\d+ s(, (dense|global) mode)?\)", onnx)
         assert match, f"{name}: ONNX {onnx}"
         assert float(match.group(1)) < 1e-2, f"{name}: ONNX Runtime differs by {match.group(1)}"
-

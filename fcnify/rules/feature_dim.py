@@ -19,8 +19,12 @@ from .._rewrite import Context
 from ._common import arg, is_call
 
 _DIM_FUNCTIONS = {  # function -> (position of dim, default dim)
-    F.softmax: (1, None), F.log_softmax: (1, None), torch.softmax: (1, None), torch.log_softmax: (1, None),
-    F.normalize: (2, 1), torch.logsumexp: (1, None),
+    F.softmax: (1, None),
+    F.log_softmax: (1, None),
+    torch.softmax: (1, None),
+    torch.log_softmax: (1, None),
+    F.normalize: (2, 1),
+    torch.logsumexp: (1, None),
 }
 _DIM_METHODS = {"softmax": 1, "log_softmax": 1, "logsumexp": 1}
 _REDUCE = ("sum", "mean", "amax", "amin", "norm")
@@ -57,7 +61,9 @@ class FeatureDimToChannel:
             if node.target is getattr:
                 return node.args[1] == "shape"
             return node.target in _DIM_FUNCTIONS or node.target is operator.getitem
-        return node.op == "call_method" and (node.target in _DIM_METHODS or node.target in _REDUCE or node.target == "size")
+        return node.op == "call_method" and (
+            node.target in _DIM_METHODS or node.target in _REDUCE or node.target == "size"
+        )
 
     def apply(self, node: fx.Node, ctx: Context) -> fx.Node:
         if node.op == "call_module":
@@ -113,7 +119,8 @@ class FeatureDimToChannel:
             index = (slice(None), index[1])
         if len(index) != 2 or index[0] != slice(None) or not isinstance(index[1], slice):
             raise ctx.unsupported(
-                node, f"it indexes the feature vector with {node.args[1]!r}",
+                node,
+                f"it indexes the feature vector with {node.args[1]!r}",
                 "only slices of the features, x[:, a:b], have a per-position equivalent",
             )
         ctx.info[node] = info.derive(channels=ctx.shape(node)[1])
@@ -127,7 +134,8 @@ class FeatureDimToChannel:
         dim = _channel_dim(dim, node, ctx)
         if not keepdim:
             raise ctx.unsupported(
-                node, "it reduces the features without keepdim, leaving no feature axis to place positions on",
+                node,
+                "it reduces the features without keepdim, leaving no feature axis to place positions on",
                 "use keepdim=True",
             )
         kwargs = dict(ctx.new(node.kwargs))

@@ -115,9 +115,7 @@ class FlattenToIdentity:
         )
         ctx.info[node] = lifted
         if len(after) == 2:
-            ctx.record(
-                self.name, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)"
-            )
+            ctx.record(self.name, node, f"flatten({channels}x{kernel[0]}x{kernel[1]})", "identity (the map is kept)")
         return value
 
     def _unstack(self, node: fx.Node, src: fx.Node, info, ctx: Context) -> fx.Node:
@@ -133,6 +131,10 @@ class FlattenToIdentity:
         height = ctx.call(operator.floordiv, h, info.stacked)
         value = ctx.method("reshape", value, n, before[1] * info.stacked, height, w)
         ctx.info[node] = Lifted(kind="vec", channels=before[1] * info.stacked, pools=info.pools, affine=info.affine)
-        ctx.record(self.name, node, f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})",
-                   "pooled positions moved into channels")
+        ctx.record(
+            self.name,
+            node,
+            f"flatten({before[1]}x{info.kernel[0]}x{info.kernel[1]})",
+            "pooled positions moved into channels",
+        )
         return value

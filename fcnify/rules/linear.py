@@ -47,15 +47,21 @@ class LinearToConv:
         positions = kernel[0] * kernel[1] if info.fold is None else info.fold.shape[0]
         if features != info.channels * positions:
             raise ctx.unsupported(
-                node, f"it reads {features} features, not the {info.channels}x{positions} of the map",
+                node,
+                f"it reads {features} features, not the {info.channels}x{positions} of the map",
                 "report this model to fcnify's issue tracker",
             )
         if node.op == "call_module":
             linear = ctx.module(node)
             # skip_init: the weights are overwritten below; a random init of a large kernel costs seconds
             conv = nn.utils.skip_init(
-                nn.Conv2d, info.channels, out, kernel, bias=linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype,
+                nn.Conv2d,
+                info.channels,
+                out,
+                kernel,
+                bias=linear.bias is not None,
+                device=linear.weight.device,
+                dtype=linear.weight.dtype,
             )
             with torch.no_grad():
                 conv.weight.copy_(_conv_weight(linear.weight.detach(), info, kernel))

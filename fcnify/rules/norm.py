@@ -94,8 +94,11 @@ class LayerNormToChannelLayerNorm:
             channel_ln = channel_ln.to(ln.weight.device) if ln.weight is not None else channel_ln
             ctx.record(self.name, node, f"LayerNorm({list(ln.normalized_shape)})", "ChannelLayerNorm (over channels)")
             return ctx.replace_module(node, channel_ln)
-        args = [ctx.new(arg(node, i, name, default)) for i, (name, default) in enumerate(
-            [("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5)]
-        )]
+        args = [
+            ctx.new(arg(node, i, name, default))
+            for i, (name, default) in enumerate(
+                [("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5)]
+            )
+        ]
         ctx.record(self.name, node, "layer_norm over features", "layer_norm_channels (over channels)")
         return ctx.call(layer_norm_channels, *args)

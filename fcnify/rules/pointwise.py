@@ -19,27 +19,93 @@ from .._rewrite import Context
 from ._common import arg, op_name
 
 _UNARY_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU,
-    nn.CELU, nn.LeakyReLU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Softsign, nn.Threshold,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.PReLU,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Threshold,
 )
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Dropout1d, nn.Dropout2d)
 _UNARY_FUNCTIONS = (
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.elu, F.selu, F.celu,
-    F.leaky_relu, F.mish, F.softplus, F.hardtanh, F.prelu, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
-    torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.clip, torch.erf, torch.square,
-    F.batch_norm, torch.nn.functional.logsigmoid,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.leaky_relu,
+    F.mish,
+    F.softplus,
+    F.hardtanh,
+    F.prelu,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.log,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.clamp,
+    torch.clip,
+    torch.erf,
+    torch.square,
+    F.batch_norm,
+    torch.nn.functional.logsigmoid,
 )
 _IDENTITY_FUNCTIONS = (F.dropout, F.alpha_dropout, F.feature_alpha_dropout, F.dropout1d, F.dropout2d)
 _BINARY_FUNCTIONS = (
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, torch.add, torch.sub, torch.mul,
-    torch.div, torch.maximum, torch.minimum,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.pow,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
 )
 _AFFINE_BINARY = (operator.add, operator.sub, torch.add, torch.sub)
 _SCALING_BINARY = (operator.mul, operator.truediv, torch.mul, torch.div)
 _UNARY_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "clamp",
-    "clamp_", "clip", "square", "erf",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "clamp",
+    "clamp_",
+    "clip",
+    "square",
+    "erf",
 )
 _IDENTITY_METHODS = ("float", "half", "double", "to", "type", "type_as", "clone", "detach", "contiguous")
 _BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum")
@@ -108,13 +174,22 @@ class PointwiseOnMaps:
         lifted_args = [a for a in node.args if isinstance(a, fx.Node) and ctx.lifted(a) is not None]
         target = node.target
         if node.op == "call_method":
-            target = {"add": operator.add, "add_": operator.add, "sub": operator.sub, "sub_": operator.sub,
-                      "mul": operator.mul, "mul_": operator.mul, "div": operator.truediv,
-                      "div_": operator.truediv}.get(node.target)
+            target = {
+                "add": operator.add,
+                "add_": operator.add,
+                "sub": operator.sub,
+                "sub_": operator.sub,
+                "mul": operator.mul,
+                "mul_": operator.mul,
+                "div": operator.truediv,
+                "div_": operator.truediv,
+            }.get(node.target)
         if target in _AFFINE_BINARY:
             return True
-        return target in _SCALING_BINARY and len(lifted_args) == 1 and (
-            target not in (operator.truediv, torch.div) or ctx.lifted(node.args[0]) is not None
+        return (
+            target in _SCALING_BINARY
+            and len(lifted_args) == 1
+            and (target not in (operator.truediv, torch.div) or ctx.lifted(node.args[0]) is not None)
         )
 
     def _binary(self, node: fx.Node, first, ctx: Context) -> fx.Node:
@@ -126,7 +201,12 @@ class PointwiseOnMaps:
             shape = ctx.shape(a)
             if shape is None or len(shape) == 0 or shape == (1,) or first.kind == "map":
                 return ctx.new(a)
-            if first.kind == "vec" and first.kernel == (1, 1) and len(shape) <= 2 and (len(shape) == 1 or shape[0] == 1):
+            if (
+                first.kind == "vec"
+                and first.kernel == (1, 1)
+                and len(shape) <= 2
+                and (len(shape) == 1 or shape[0] == 1)
+            ):
                 return ctx.method("reshape", ctx.env[a], *shape, 1, 1)
             raise ctx.unsupported(
                 node,

@@ -177,7 +177,9 @@ class AdaptivePoolFold:
         shape, out = ctx.shape(src), ctx.shape(node)
         size, out_size = tuple(shape[2:]), tuple(out[2:])
         if size == out_size:
-            ctx.record(self.name, node, f"adaptive pool to {out_size[0]}x{out_size[1]}", "removed (identity at training size)")
+            ctx.record(
+                self.name, node, f"adaptive pool to {out_size[0]}x{out_size[1]}", "removed (identity at training size)"
+            )
             ctx.info[node] = Lifted(kind="map", channels=shape[1], axes=(2, 3))
             return ctx.env[src]
         if _pool_kind(node, ctx) != "avg":
@@ -218,7 +220,9 @@ class AdaptivePoolFold:
         n, h, w = (ctx.call(operator.getitem, shape, i) for i in (0, 2, 3))
         value = ctx.method("reshape", value, n, channels, ctx.call(operator.mul, h, outputs), w)
         ctx.record(
-            self.name, node, f"adaptive avg pool {size[0]}x{size[1]} -> {out_size[0]}x{out_size[1]}",
+            self.name,
+            node,
+            f"adaptive avg pool {size[0]}x{size[1]} -> {out_size[0]}x{out_size[1]}",
             f"depthwise conv2d({size[0]}x{size[1]}) giving the {outputs} pooled positions of every window",
         )
         ctx.info[node] = Lifted(kind="map", channels=channels, kernel=tuple(out_size), axes=(2, 3), stacked=outputs)
