@@ -71,6 +71,13 @@ BENCHMARKS = [
         "timm's TestTimePoolHead against fcnify on timm models: speed, error, crashes",
         ["--models", "resnet18", "convnext_atto", "--blocks", "2", "--block-seconds", "0.2"],
     ),
+    (
+        "vs_patches",
+        "vs_patches.py",
+        "fcnify's stride-32 map (`fcn(x)` and `predict_tiled`) against MONAI's PatchInferer running the original "
+        "classifier patch by patch at strides 32, 112 and 224 on a 4096x4096 slide: speedup next to the FLOP ratio",
+        ["--size", "768", "--sample", "480", "--tile", "700", "--blocks", "1"],
+    ),
 ]
 
 
@@ -166,6 +173,7 @@ TITLES = {
     "conversion_time": ("Conversion time", "conversion-time-benchmarksconversion_timepy"),
     "onnx_vs_eager": ("ONNX Runtime vs eager", "onnx-runtime-vs-pytorch-eager-benchmarksonnx_vs_eagerpy"),
     "testtimepool": ("timm's TestTimePoolHead", "timms-testtimepoolhead-vs-fcnify-benchmarkstesttimepoolpy"),
+    "vs_patches": ("fcnify vs MONAI patch by patch", "fcnify-vs-a-patch-by-patch-peer-monai-benchmarksvs_patchespy"),
 }
 
 

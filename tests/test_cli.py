@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+import fcnify
 from fcnify.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,17 @@ def test_broken_weights_file(tmp_path, capsys):
 def test_saved_model_file_as_model(tmp_path, capsys):
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.Flatten(), torch.nn.Linear(4 * 24 * 24, 10))
     torch.save(net, tmp_path / "lenet.pt")
-    code = main(["convert", str(tmp_path / "lenet.pt"), "--input-size", "28", "-o", str(tmp_path / "lenet.pt2")])
+    code = main(
+        [
+            "convert",
+            str(tmp_path / "lenet.pt"),
+            "--trust-pickle",
+            "--input-size",
+            "28",
+            "-o",
+            str(tmp_path / "lenet.pt2"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "kernel_size=(24, 24)" in capsys.readouterr().out
     program = torch.export.load(str(tmp_path / "lenet.pt2")).module()
@@ -136,8 +147,24 @@ def test_saved_model_file_as_model(tmp_path, capsys):
 def test_input_size_is_required_for_a_plain_module(tmp_path, capsys):
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.Flatten(), torch.nn.Linear(4 * 24 * 24, 10))
     torch.save(net, tmp_path / "lenet.pt")
-    assert main(["convert", str(tmp_path / "lenet.pt")]) == 1
+    assert main(["convert", str(tmp_path / "lenet.pt"), "--trust-pickle"]) == 1
     assert "--input-size" in capsys.readouterr().err
+
+
+def test_a_pickled_model_needs_trust_and_a_library_name_wins_over_a_file(tmp_path, capsys, monkeypatch):
+    """Unpickling runs code from the file: refused without --trust-pickle, in one line."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.Flatten(), torch.nn.Linear(4 * 24 * 24, 10))
+    torch.save(net, tmp_path / "lenet.pt")
+    assert main(["convert", str(tmp_path / "lenet.pt"), "--input-size", "28", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert "pickled whole model" in err and "--trust-pickle" in err and len(err.splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    torch.save(net, tmp_path / "resnet18")  # a file named like torchvision's resnet18
+    model, _ = fcnify.load_model("resnet18")
+    assert model.fc.out_features == 1000
+    with pytest.warns(UserWarning, match="runs code stored in the file"):
+        model, _ = fcnify.load_model("./resnet18", trust=True)
+    assert isinstance(model, torch.nn.Sequential)
 
 
 def test_help_lists_the_options(capsys):

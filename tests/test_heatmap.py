@@ -168,6 +168,7 @@ def test_cli_model_file_and_errors(tmp_path, capsys):
         [
             "heatmap",
             str(tmp_path / "net.pt"),
+            "--trust-pickle",
             str(image),
             "--input-size",
             "32",
@@ -179,8 +180,10 @@ def test_cli_model_file_and_errors(tmp_path, capsys):
     )
     assert code == 0 and (tmp_path / "o.png").exists()
     assert "5x8 cells of stride 4 over a 50x60 image" in capsys.readouterr().out
-    code = main(["heatmap", str(tmp_path / "net.pt"), str(image), "--input-size", "32", "--class", "7"])
+    code = main(
+        ["heatmap", str(tmp_path / "net.pt"), "--trust-pickle", str(image), "--input-size", "32", "--class", "7"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
-    assert main(["heatmap", str(tmp_path / "net.pt"), str(tmp_path / "missing.png")]) == 1
+    assert main(["heatmap", str(tmp_path / "net.pt"), "--trust-pickle", str(tmp_path / "missing.png")]) == 1
     assert "image file not found" in capsys.readouterr().err

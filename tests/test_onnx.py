@@ -503,7 +503,7 @@ def test_torchvision_models_export_and_validate_at_three_sizes(name, mode, tmp_p
 def test_convert_to_onnx_picks_the_format_from_the_extension(tmp_path, capsys):
     torch.save(LeNet().eval(), tmp_path / "lenet.pt")
     out = str(tmp_path / "lenet.onnx")
-    assert main(["convert", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", out]) == 0
+    assert main(["convert", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "-o", out]) == 0
     printed = capsys.readouterr().out
     assert "validated in ONNX Runtime against PyTorch at 3 sizes" in printed
     assert "1x65x97 -> 1x10x9x17" in printed
@@ -513,7 +513,12 @@ def test_convert_to_onnx_picks_the_format_from_the_extension(tmp_path, capsys):
 def test_cli_export_gives_a_file_that_runs_at_any_size_without_fcnify_or_torch(tmp_path, capsys):
     torch.save(LeNet().eval(), tmp_path / "lenet.pt")
     out = str(tmp_path / "lenet.onnx")
-    assert main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "--mode", "dense", "-o", out]) == 0
+    assert (
+        main(
+            ["export", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "--mode", "dense", "-o", out]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "LeNet -> fully convolutional (dense mode" in printed and "max abs error" in printed
     script = textwrap.dedent(
@@ -533,11 +538,22 @@ def test_cli_export_gives_a_file_that_runs_at_any_size_without_fcnify_or_torch(t
 
 def test_cli_export_mistakes_are_one_line(tmp_path, capsys):
     torch.save(LeNet().eval(), tmp_path / "lenet.pt")
-    assert main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", "lenet.pt2"]) == 1
+    assert main(["export", str(tmp_path / "lenet.pt"), "--trust-pickle", "--input-size", "32", "-o", "lenet.pt2"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fcnify: error: fcnify export writes ONNX") and "Hint:" in err and len(err.splitlines()) == 1
     assert (
-        main(["export", str(tmp_path / "lenet.pt"), "--input-size", "32", "-o", str(tmp_path / "no" / "x.onnx")]) == 1
+        main(
+            [
+                "export",
+                str(tmp_path / "lenet.pt"),
+                "--trust-pickle",
+                "--input-size",
+                "32",
+                "-o",
+                str(tmp_path / "no" / "x.onnx"),
+            ]
+        )
+        == 1
     )
     err = capsys.readouterr().err
     assert "does not exist. Hint: create it first" in err and len(err.splitlines()) == 1

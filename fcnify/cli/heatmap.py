@@ -59,9 +59,10 @@ def _normalization(model: Any, name: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ..conversion import convert
     from ..inference import heatmap, render_heatmap
+    from .heatmap import MAX_PANELS
 
-    if args.top < 1:
-        raise FcnifyError(f"--top must be at least 1, got {args.top}. Hint: --top 3.")
+    if not 1 <= args.top <= MAX_PANELS:
+        raise FcnifyError(f"--top must be from 1 to {MAX_PANELS} (one panel per class), got {args.top}. Hint: --top 3.")
     if not os.path.isfile(args.image):
         raise FcnifyError(f"image file not found: {args.image}. Hint: check the path.")
     model, input_size = load_from_args(args)

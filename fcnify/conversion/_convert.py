@@ -5,26 +5,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._errors import FcnifyError, UnsupportedModelError, VerificationError, first_line
 from .._mode import Mode, as_mode
 from ..graph import (
     InputSize,
     ShapeRun,
+    check_memory,
     describe_node,
+    device_and_dtype,
+    eliminate_dead_code,
+    eval_mode,
     example_input,
     record_shapes,
     resolve_input_size,
+    safe_deepcopy,
     second_size,
     trace_model,
 )
-from ..verification import DEFAULT_RTOL
+from ..verification import OutputCheck, default_rtol
+from ._cells import cell_check, head_module
 from ._result import ConversionReport, FullyConvolutionalNet
 from ._rewrite import Context, rewrite_head
 from ._stride import with_output_stride
@@ -40,7 +47,7 @@ def convert(
     mode: Union[Mode, str] = Mode.WINDOW,
     output_stride: Optional[int] = None,
     verify: bool = True,
-    rtol: float = DEFAULT_RTOL,
+    rtol: Optional[float] = None,
 ) -> FullyConvolutionalNet:
     """Turn a classifier into a fully convolutional network.
 
@@ -57,7 +64,8 @@ def convert(
             without padding the map equals the classifier on every crop at this stride.
         verify: compare with the original at the training size and raise
             :class:`VerificationError` past tolerance.
-        rtol: verification tolerance relative to the largest logit.
+        rtol: verification tolerance relative to the largest logit; by default by the model's
+            precision (float32 1e-4, float16 1e-2, bfloat16 5e-2).
 
     Returns:
         A :class:`~fcnify.FullyConvolutionalNet` (a ``torch.fx.GraphModule``) taking
@@ -83,9 +91,15 @@ def convert(
     start = time.perf_counter()
     mode = as_mode(mode)
     _check_output_stride(output_stride)
+    _check_rtol(rtol)
     fcn = trace(model, input_size).convert(mode, output_stride=output_stride, verify=verify, rtol=rtol)
     fcn.conversion_report.seconds = time.perf_counter() - start
     return fcn
+
+
+def _check_rtol(rtol: Any) -> None:
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol > 0):
+        raise FcnifyError(f"rtol must be a positive number, got {rtol!r}. Hint: rtol=1e-4 (the float32 default).")
 
 
 def _check_output_stride(output_stride: Any) -> None:
@@ -105,7 +119,8 @@ class Traced:
     it never changes the trace, so a sweep over modes traces and runs the model only once.
 
     Attributes:
-        model: the original classifier (not modified).
+        model: the original classifier (not modified), or a copy of it whose lazy modules
+            (``nn.LazyLinear``) have their weights, which tracing and verification share.
         gm: the traced eval-mode copy.
         input_size: the training size ``(C, H, W)``.
         run: every node's shape at the training size.
@@ -127,7 +142,7 @@ class Traced:
         mode: Union[Mode, str] = Mode.WINDOW,
         output_stride: Optional[int] = None,
         verify: bool = True,
-        rtol: float = DEFAULT_RTOL,
+        rtol: Optional[float] = None,
     ) -> FullyConvolutionalNet:
         """Rewrite the head in ``mode``, probe the result at the larger size and verify it.
 
@@ -143,6 +158,8 @@ class Traced:
         """
         mode = as_mode(mode)
         _check_output_stride(output_stride)
+        _check_rtol(rtol)
+        rtol = default_rtol(self.model) if rtol is None else rtol
         start = time.perf_counter()
         fcn = self._build(mode, verify, rtol)
         if output_stride is not None:
@@ -180,12 +197,15 @@ class Traced:
             )
         fcn = FullyConvolutionalNet(ctx.attributes(), ctx.graph, f"{type(model).__name__}FCN")
         fcn.train(False)
-        fcn.graph.eliminate_dead_code()
+        eliminate_dead_code(fcn)
         fcn.graph.lint()
         fcn.recompile()
         fcn.delete_all_unused_submodules()
         checks = _checks(gm, ctx)
-        probe_shapes = _probe(fcn, traced.probe_input, mode.value, (size[1], size[2]))
+        head_inputs = head_module(gm, ctx.head)[1]
+        probe_shapes, probe_run = _probe(
+            fcn, traced.probe_input, mode.value, (size[1], size[2]), keep=[ctx.env[n] for n in head_inputs]
+        )
         report = ConversionReport(
             type(model).__name__, mode.value, size, ctx.rewrites, checks, traced.probe_size, probe_shapes
         )
@@ -196,6 +216,9 @@ class Traced:
             report.verification = _verify(
                 model, fcn, size, mode, checks=checks, rtol=rtol, batch_size=traced.probe_input.shape[0]
             )
+            cells = _probe_cells(gm, ctx, probe_run, head_inputs, checks, rtol, traced.probe_size)
+            if cells is not None:
+                report.verification.outputs.append(cells)
             if not report.verification.passed:
                 raise VerificationError(
                     f"the converted {type(model).__name__} does not reproduce the original:\n{report.verification}\n"
@@ -243,8 +266,19 @@ def trace(model: nn.Module, input_size: Optional[InputSize] = None, batch_size: 
         >>> traced.input_size, traced.convert("window").conversion_report.mode
         ((3, 8, 8), 'window')
     """
+    model = _materialized(model, input_size)
     gm = trace_model(model)
     size = resolve_input_size(model, input_size, gm)
+    probe = second_size((size[1], size[2]))
+    _, dtype = device_and_dtype(gm)
+    check_memory(
+        gm,
+        (batch_size, size[0], *probe),
+        dtype,
+        f"converting {type(model).__name__} at input_size {size[1]}x{size[2]} (its probe run)",
+        "input_size is the training size (e.g. 224x224), not the size of the images to run on; convert at "
+        "the training size, then run large images with fcnify.predict_tiled or fcnify.predict.",
+    )
     x = example_input(gm, size, batch_size)
     run = record_shapes(gm, x)
     if run.failed_at is not None:
@@ -253,9 +287,23 @@ def trace(model: nn.Module, input_size: Optional[InputSize] = None, batch_size: 
             f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. Hint: check input_size (C, H, W); "
             "an input too small for the network's downsampling fails this way."
         ) from run.error
-    probe = second_size((size[1], size[2]))
     x2 = example_input(gm, (size[0], *probe), batch_size)
     return Traced(model, gm, size, run, record_shapes(gm, x2), probe, x2)
+
+
+def _materialized(model: nn.Module, input_size: Optional[InputSize]) -> nn.Module:
+    """``model``, or a copy whose lazy modules (``nn.LazyLinear``) have their weights.
+
+    The user's model is never run: a first call would change its lazy modules' classes. Tracing
+    and verification use the same copy, so they see the same weights.
+    """
+    if not isinstance(model, nn.Module) or not any(isinstance(m, LazyModuleMixin) for m in model.modules()):
+        return model
+    work = safe_deepcopy(model).eval()
+    size = resolve_input_size(work, input_size)
+    with torch.no_grad():
+        work(example_input(work, size, 1))
+    return work.train(model.training)
 
 
 def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
@@ -274,9 +322,43 @@ def _checks(gm: fx.GraphModule, ctx: Context) -> List[str]:
     return checks
 
 
-def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, int]) -> List[Tuple[int, ...]]:
-    """Run the converted model at a larger size; a node tied to the training size fails here."""
-    run2 = record_shapes(fcn, x2)
+def _probe_cells(
+    gm: fx.GraphModule,
+    ctx: Context,
+    run2: ShapeRun,
+    head_inputs: List[fx.Node],
+    checks: List[str],
+    rtol: float,
+    probe: Tuple[int, int],
+) -> Optional[OutputCheck]:
+    """At the probe size, cells of the map against the original head on their windows (see ``_cells``)."""
+    if ctx.mode == "global":
+        return None
+    new_inputs = [ctx.env[n] for n in head_inputs]
+    if any(n not in run2.values for n in new_inputs):
+        return None
+    output = next(n for n in ctx.graph.nodes if n.op == "output")
+    leaves = [run2.values.get(leaf) for leaf in pytree.tree_flatten(output.args[0])[0]]
+    window = ctx.mode == "window" or all(c == "equal" for c in checks)
+    with eval_mode(gm):
+        found = cell_check(gm, ctx.head, ctx.run, [run2.values[n] for n in new_inputs], leaves, window)
+    if found is None:
+        return None
+    error, scale, cells, expected, compared = found
+    detail = f"at {probe[0]}x{probe[1]} ({compared} compared)"
+    return OutputCheck(-1, "cells", cells, expected, error, error / scale, rtol * scale, detail)
+
+
+def _probe(
+    fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, int], keep: Sequence[fx.Node] = ()
+) -> Tuple[List[Tuple[int, ...]], ShapeRun]:
+    """Run the converted model at a larger size; a node tied to the training size fails here.
+
+    Returns the output shapes and the run, which keeps the values of ``keep`` and of the outputs.
+    """
+    output = next(n for n in fcn.graph.nodes if n.op == "output")
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    run2 = record_shapes(fcn, x2, keep=[*keep, *(leaf for leaf in leaves if isinstance(leaf, fx.Node))])
     if run2.failed_at is not None:
         raise UnsupportedModelError(
             f"the converted model fails at a {x2.shape[2]}x{x2.shape[3]} input at "
@@ -284,8 +366,6 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
             "training size (a position embedding, an interpolation to a fixed size, a Linear over "
             "positions); fcnify cannot make it size-independent."
         ) from run2.error
-    output = next(n for n in fcn.graph.nodes if n.op == "output")
-    leaves, _ = pytree.tree_flatten(output.args[0])
     shapes = [run2.shape(leaf) for leaf in leaves if isinstance(leaf, fx.Node)]
     if mode != "global":
         run1 = record_shapes(fcn, x2[:, :, : size[0], : size[1]])
@@ -298,7 +378,7 @@ def _probe(fcn: fx.GraphModule, x2: torch.Tensor, mode: str, size: Tuple[int, in
                     "input size. Hint: the model resizes its features to a fixed size (an interpolate or "
                     "adaptive pool to a constant size); remove it before converting."
                 )
-    return shapes  # type: ignore[return-value]
+    return shapes, run2  # type: ignore[return-value]
 
 
 def _first_frozen(fcn: fx.GraphModule, run1, run2) -> Optional[fx.Node]:

@@ -201,7 +201,129 @@ def find_head(gm: fx.GraphModule, run: ShapeRun, run2: Optional[ShapeRun] = None
         if node in body and node.users and all(u in head for u in node.users):
             if is_adaptive_pool(node, gm) or (_is_frozen(node, run, run2) and _follows_adaptive_pool(gm, node)):
                 head.add(node)
-    return head
+    return head - _spatial_tail(gm, head, run, run2)
+
+
+def _spatial_tail(gm: fx.GraphModule, head: set, run: ShapeRun, run2: Optional[ShapeRun]) -> set:
+    """Head candidates that belong to the body: the maps that a later layer still mixes across positions.
+
+    At the training size a downsampling pool can reduce the map to 1x1 while convolutions still
+    follow it (a DenseNet's last transition at 32x32): its maps have one position, so they look like
+    the head, yet at a larger size the pool keeps its stride and the layers after it combine
+    neighbouring cells. The head starts after the last layer that mixes positions: a node is moved
+    to the body when a mixing layer follows it, and a last mixing layer that is not a pool (a 3x3
+    convolution on the 1x1 map) is moved too. The last pool stays: it is the head's global pool.
+    """
+    nodes = [n for n in gm.graph.nodes if n in head]
+    mixers = {n for n in nodes if _mixes_positions(gm, n, run, run2)}
+    mixer_after: set = set()  # head nodes from which a mixing layer is reachable
+    for node in reversed(nodes):
+        if any(u in mixers or u in mixer_after for u in node.users):
+            mixer_after.add(node)
+    tail = {m for m in mixers if m in mixer_after or not _is_pool(gm, m)}
+    for node in reversed(nodes):  # with everything they are computed from
+        if any(u in tail for u in node.users):
+            tail.add(node)
+    return tail
+
+
+_MIXING_MODULES = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.modules.pooling._MaxUnpoolNd,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Fold,
+    nn.Unfold,
+    nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+)
+_POOL_MODULES = (
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+_POOL_FUNCTIONS = (
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.lp_pool1d,
+    F.lp_pool2d,
+)
+_OTHER_MIXING_FUNCTIONS = (F.interpolate, F.upsample, F.pad, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold)
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "logsumexp", "std", "var", "nansum", "nanmean")
+
+
+def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A pool over positions: a pooling module or function, or a reduction (``x.mean((2, 3))``)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _POOL_MODULES)
+    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        return True
+    return _reduction_name(node) is not None
+
+
+def _reduction_name(node: fx.Node) -> Optional[str]:
+    if node.op == "call_method" and node.target in _REDUCTIONS:
+        return node.target
+    if node.op == "call_function" and any(node.target is getattr(torch, r, None) for r in _REDUCTIONS):
+        return node.target.__name__
+    return None
+
+
+def _mixes_positions(gm: fx.GraphModule, node: fx.Node, run: ShapeRun, run2: Optional[ShapeRun]) -> bool:
+    """Whether an output position of ``node`` depends on more than one position of its input map."""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    shape = run.shape(src) if src is not None else None
+    if shape is None or len(shape) < 3 or _is_frozen(src, run, run2):
+        return False  # a map that keeps its size at every input (after an adaptive pool) is the head's
+    if node.op == "call_module":
+        return any(_module_mixes(m) for m in gm.get_submodule(node.target).modules())
+    if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        kernel = run.shape(weight) if isinstance(weight, fx.Node) else None
+        stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+        return kernel is None or any(k > 1 for k in kernel[2:]) or any(s > 1 for s in _as_tuple(stride))
+    if node.op == "call_function" and node.target in _POOL_FUNCTIONS + _OTHER_MIXING_FUNCTIONS:
+        return True
+    if _reduction_name(node) is not None:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            return True
+        dims = {d % len(shape) for d in _as_tuple(dims) if isinstance(d, int)}
+        shape2 = run2.shape(src) if run2 is not None else None
+        if shape2 is not None and len(shape2) == len(shape):
+            return any(shape[d] != shape2[d] for d in dims)
+        return any(d >= 2 for d in dims)
+    return False
+
+
+def _module_mixes(m: nn.Module) -> bool:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return any(k > 1 for k in m.kernel_size) or any(s > 1 for s in m.stride)
+    return isinstance(m, _MIXING_MODULES)
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _is_frozen(node: fx.Node, run: ShapeRun, run2: Optional[ShapeRun]) -> bool:

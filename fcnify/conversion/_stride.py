@@ -27,7 +27,7 @@ from torch import nn
 
 from .._errors import FcnifyError, UnsupportedModelError, VerificationError
 from ..analysis import Global, Merge, Pad, Window, plan_steps, propagate
-from ..graph import arg, describe_node, set_arg
+from ..graph import arg, describe_node, eliminate_dead_code, eval_mode, set_arg
 from ..verification import compare
 from ._result import FullyConvolutionalNet
 from ._runtime import dilated_avg_pool2d
@@ -166,7 +166,7 @@ def apply_output_stride(
         changes.append(change)
         if replacement is not None:
             current[node] = replacement
-    new.graph.eliminate_dead_code()
+    eliminate_dead_code(new)
     new.graph.lint()
     new.recompile()
     return new, changes, (native[0] // output_stride, native[1] // output_stride)
@@ -255,7 +255,7 @@ def check_output_stride(
     native: nn.Module, strided: nn.Module, image: torch.Tensor, factor: Pair, rtol: float
 ) -> Tuple[bool, float, float]:
     """Every ``factor``-th cell of the strided map equals the native map: ``(passed, error, tolerance)``."""
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(native), eval_mode(strided):
         ref = native(image)
         out = strided(image)
     refs = ref if isinstance(ref, (list, tuple)) else [ref]

@@ -13,7 +13,7 @@ from torch import nn
 
 from .._mode import Mode, as_mode
 from ..graph import InputSize, example_input, resolve_input_size
-from ..verification import DEFAULT_RTOL, VerificationReport, check_outputs
+from ..verification import VerificationReport, check_outputs, default_rtol
 from ._result import FullyConvolutionalNet
 
 __all__ = ["verify"]
@@ -25,7 +25,7 @@ def verify(
     input_size: InputSize,
     mode: Union[Mode, str] = Mode.WINDOW,
     checks: Optional[Sequence[str]] = None,
-    rtol: float = DEFAULT_RTOL,
+    rtol: Optional[float] = None,
     batch_size: int = 2,
     seed: int = 0,
 ) -> VerificationReport:
@@ -38,7 +38,8 @@ def verify(
         mode: the conversion mode.
         checks: per output, ``"equal"``, ``"mean"`` or ``"none"``; by default taken from
             ``converted.conversion_report``, else ``"equal"`` (``"none"`` in dense mode).
-        rtol: tolerance on the max absolute error, relative to ``max(1, max |logit|)``.
+        rtol: tolerance on the max absolute error, relative to the largest logit; by default
+            1e-4 for float32 models and by precision for others (float16 1e-2, bfloat16 5e-2).
         batch_size: the batch of the seeded input.
         seed: the seed of the input.
 
@@ -58,4 +59,5 @@ def verify(
     if checks is None:
         if isinstance(converted, FullyConvolutionalNet) and converted.conversion_report is not None:
             checks = converted.conversion_report.checks
+    rtol = default_rtol(converted) if rtol is None else rtol
     return check_outputs(original, converted, image, checks, mode.value, rtol)

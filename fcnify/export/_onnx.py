@@ -21,7 +21,8 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
-from .._errors import ExportError, first_line
+from .._errors import ExportError, FcnifyError, first_line
+from .._files import staged
 from ..conversion import FullyConvolutionalNet
 from ..graph import InputSize, eval_mode, example_input, second_size
 from ..verification import ONNX_RTOL
@@ -84,11 +85,48 @@ def export_onnx(
         ([(16, 16), (80, 144), (49, 81)], [['batch', 3, 'height - 15', 'width - 15']])
     """
     size = _conversion_size(fcn, input_size)
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ExportError(f"cannot export to {path}: folder {directory} does not exist. Hint: create it first.")
-    if not path.lower().endswith(".onnx"):
+    if not path.lower().endswith(".onnx") or os.path.isdir(path):
         raise ExportError(f"cannot export to {path}: the file name must end in .onnx. Hint: use model.onnx.")
+    _check_opset(opset)
+    work = path
+    try:
+        with staged(path, companions=(".data",)) as work:  # an older model.onnx survives a failed export
+            report = _export_onnx(fcn, work, size, opset, dynamic_batch, validate_sizes, rtol, simplify)
+    except FcnifyError as err:  # name the file the user asked for, not the staged one
+        err.args = tuple(a.replace(work, path) if isinstance(a, str) else a for a in err.args)
+        raise
+    data_path = path + ".data"
+    report.path = path
+    report.external_data = data_path if os.path.exists(data_path) else None
+    report.file_bytes = os.path.getsize(path) + (os.path.getsize(data_path) if report.external_data else 0)
+    return report
+
+
+#: torch.onnx's exporter writes opset 18 and up; it converts to an older opset only partly, and
+#: silently keeps 18 where the conversion fails.
+_MIN_OPSET = 18
+
+
+def _check_opset(opset: Optional[int]) -> None:
+    if opset is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not _MIN_OPSET <= opset <= newest:
+        raise ExportError(
+            f"opset {opset!r} cannot be exported: torch.onnx writes opsets {_MIN_OPSET} to {newest} "
+            f"(the installed onnx's newest). Hint: leave opset out for the exporter's default, or pick one "
+            f"from {_MIN_OPSET} to {newest}."
+        )
+
+
+def _export_onnx(fcn, path, size, opset, dynamic_batch, validate_sizes, rtol, simplify) -> OnnxExportReport:
+    """Export and validate at ``path`` (a staged file name): the body of :func:`export_onnx`."""
     if simplify:
         _require_onnxslim()
     start = time.perf_counter()
@@ -130,7 +168,6 @@ def export_onnx(
         _remove(path, data_path)
         raise
     report.export_seconds = export_seconds
-    report.file_bytes = os.path.getsize(path) + (os.path.getsize(data_path) if report.external_data else 0)
     return report
 
 

@@ -158,6 +158,15 @@ def validate_onnx(
     """
     if not os.path.isfile(path):
         raise ExportError(f"no such ONNX file: {path}. Hint: check the path.")
+    import onnx
+
+    try:
+        onnx.load(path, load_external_data=False)
+    except Exception as err:
+        raise ExportError(
+            f"{path} is not a readable ONNX model: {type(err).__name__}: {first_line(err)}. "
+            "Hint: export it again (fcnify export MODEL -o FILE.onnx); the file may be truncated or not ONNX."
+        ) from err
     size = _input_size(model, input_size)
     return _validate(model, path, size, dynamic_batch, validate_sizes, rtol)
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.export import Dim
 
 from .._errors import FcnifyError, first_line
+from .._files import check_output, staged
 from ..graph import InputSize, example_input, resolve_input_size, second_size
 
 __all__ = ["save", "export_program"]
@@ -69,9 +70,8 @@ def save(fcn: nn.Module, path: str, input_size: Optional[InputSize] = None) -> s
         return path
     if ext != ".pt2":
         raise FcnifyError(f"cannot save to {path}: unknown format '{ext}'. Hint: use a .pt2 or .onnx file name.")
+    check_output(path, suffixes=(".pt2",))
     program = export_program(fcn, input_size)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FcnifyError(f"cannot save to {path}: folder {directory} does not exist. Hint: create it first.")
-    torch.export.save(program, path)
+    with staged(path) as work:  # an older file at path survives a failed save
+        torch.export.save(program, work)
     return path

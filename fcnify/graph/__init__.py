@@ -18,7 +18,21 @@ from ._fx import (
     set_arg,
 )
 from ._inputs import InputSize, device_and_dtype, example_input, resolve_input_size
-from ._trace import ShapeRun, describe_node, eval_mode, record_shapes, second_size, trace_model
+from ._trace import (
+    ShapeRun,
+    available_memory,
+    check_memory,
+    describe_node,
+    eliminate_dead_code,
+    estimate_peak_bytes,
+    eval_mode,
+    format_bytes,
+    has_side_effects,
+    record_shapes,
+    safe_deepcopy,
+    second_size,
+    trace_model,
+)
 
 __all__ = [
     "trace_model",
@@ -42,4 +56,11 @@ __all__ = [
     "is_flatten",
     "is_adaptive_pool",
     "ADAPTIVE_POOL_FUNCTIONS",
+    "has_side_effects",
+    "eliminate_dead_code",
+    "safe_deepcopy",
+    "estimate_peak_bytes",
+    "check_memory",
+    "available_memory",
+    "format_bytes",
 ]

@@ -13,6 +13,7 @@ taking what is missing from the model, always in the same order:
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,10 +28,22 @@ __all__ = ["resolve_input_size", "example_input", "device_and_dtype", "InputSize
 InputSize = Union[int, Sequence[int]]
 
 
+#: No tensor side can exceed this (PyTorch indexes with 32-bit ints in many kernels).
+_MAX_SIDE = 2**31 - 1
+
+
 def _as_tuple(input_size: InputSize) -> Tuple[int, ...]:
-    if isinstance(input_size, int):
+    """The sizes as ints; a string, a bool, a float or anything else not an integer is refused."""
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
         return (input_size, input_size)
-    return tuple(int(s) for s in input_size)
+    try:
+        if isinstance(input_size, (str, bytes, bool)):
+            raise TypeError
+        return tuple(operator.index(s) for s in input_size)  # type: ignore[union-attr]
+    except TypeError:
+        raise FcnifyError(
+            f"input_size must be (H, W) or (C, H, W) of integers, got {input_size!r}. Hint: input_size=(224, 224)."
+        ) from None
 
 
 def resolve_input_size(
@@ -65,13 +78,18 @@ def resolve_input_size(
                 "that names its training size. Hint: fcnify.convert(model, input_size=(224, 224))."
             )
     size = _as_tuple(input_size)
-    if len(size) == 3 and min(size) >= 1:
-        return (size[0], size[1], size[2])
-    if len(size) != 2 or min(size) < 1:
+    if len(size) not in (2, 3) or min(size) < 1:
         raise FcnifyError(
             f"input_size must be (H, W) or (C, H, W) with positive sizes, got {input_size}. "
             "Hint: input_size=(224, 224)."
         )
+    if max(size) > _MAX_SIDE:
+        raise FcnifyError(
+            f"input_size {input_size} is larger than any image a tensor can hold ({_MAX_SIDE} pixels a side). "
+            "Hint: input_size is the training size, e.g. (224, 224)."
+        )
+    if len(size) == 3:
+        return (size[0], size[1], size[2])
     if recorded is not None and len(recorded) == 3:
         channels = recorded[0]
     elif cfg_size:

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import FcnifyError
+from .._files import check_output, staged
 from ..analysis import Geometry, geometry
 from ..conversion import FullyConvolutionalNet
-from ..graph import device_and_dtype
+from ..graph import device_and_dtype, eval_mode
 from ._tiled import open_image, predict_tiled
 
 __all__ = ["heatmap", "HeatmapResult", "render_heatmap", "resolve_normalization", "class_names"]
@@ -176,6 +177,13 @@ def _display(image: np.ndarray, max_side: int = 2048) -> np.ndarray:
     return np.ascontiguousarray(view[:, :, :3])
 
 
+#: The picture formats :func:`render_heatmap` writes (matplotlib's, by the file name's ending).
+PICTURE_ENDINGS = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
+
+#: The most class panels one heatmap draws.
+MAX_PANELS = 32
+
+
 def heatmap(
     fcn: nn.Module,
     image: Any,
@@ -220,6 +228,12 @@ def heatmap(
         >>> result.maps.shape, result.names
         (torch.Size([2, 64, 80]), ['class 1', 'class 3'])
     """
+    wanted = len(classes) if classes is not None else top
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 1 <= wanted <= MAX_PANELS:
+        raise FcnifyError(
+            f"a heatmap draws one panel per class, from 1 to {MAX_PANELS}; {wanted!r} were asked for "
+            f"({'classes' if classes is not None else 'top'}). Hint: top=3, or name the classes you need."
+        )
     array = _as_image(image)
     height, width = array.shape[:2]
     stats = resolve_normalization(normalize, fcn)
@@ -249,7 +263,7 @@ def heatmap(
         x = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)[None].float() / scale
         own_device, dtype = device_and_dtype(fcn)
         x = x.to(device=torch.device(device) if device is not None else own_device, dtype=dtype)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(fcn):
             logits = fcn(preprocess(x)).cpu()
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         raise FcnifyError("heatmap needs a map output (N, K, h, w). Hint: convert in window or dense mode.")
@@ -299,7 +313,14 @@ def render_heatmap(result: HeatmapResult, path: str, alpha: float = 0.5, max_sid
 
     Returns:
         ``path``.
+
+    Raises:
+        FcnifyError: ``path`` is a folder, has no picture ending, or its folder does not exist; checked
+            before drawing. An existing file at ``path`` is replaced only once the picture is complete.
     """
+    path = check_output(path, suffixes=PICTURE_ENDINGS, what="picture")
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16:
+        raise FcnifyError(f"max_side must be an integer of at least 16 pixels, got {max_side!r}. Hint: max_side=1024.")
     try:
         import matplotlib
 
@@ -322,6 +343,9 @@ def render_heatmap(result: HeatmapResult, path: str, alpha: float = 0.5, max_sid
         ax.set_axis_off()
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=label)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with staged(path) as work:
+            fig.savefig(work, dpi=100)
+    finally:
+        plt.close(fig)
     return path

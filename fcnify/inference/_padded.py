@@ -17,7 +17,8 @@ from torch import nn
 from .._errors import FcnifyError
 from ..analysis import geometry, valid_sizes
 from ..conversion import FullyConvolutionalNet
-from ..graph import InputSize
+from ..graph import InputSize, eval_mode
+from ._batch import as_batch
 
 __all__ = ["predict_padded"]
 
@@ -45,8 +46,7 @@ def predict_padded(
         >>> fcnify.predict_padded(net, torch.randn(1, 1, 70, 64), input_size=(61, 61)).shape
         torch.Size([1, 1, 2, 2])
     """
-    if not isinstance(image, torch.Tensor) or image.dim() != 4:
-        raise FcnifyError("predict_padded needs an (N, C, H, W) tensor. Hint: add a batch axis with x[None].")
+    image = as_batch(fcn, image, "predict_padded")
     height, width = image.shape[2:]
     if input_size is None and not isinstance(fcn, FullyConvolutionalNet):
         input_size = (height, width)
@@ -60,7 +60,7 @@ def predict_padded(
     valid = valid_sizes(fcn, input_size if input_size is not None else None)
     target = valid.next(height, width)
     padded = F.pad(image, (0, target[1] - width, 0, target[0] - height), value=value)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(fcn):
         out = fcn(padded)
     keep = []
     for dim, n in enumerate((height, width)):

@@ -10,7 +10,6 @@ logits exactly; for a bilinearly upsampled map it gives them closely.
 
 from __future__ import annotations
 
-import copy
 from typing import Optional, Tuple
 
 import torch
@@ -21,11 +20,15 @@ from torch import nn
 from .._errors import FcnifyError, UnsupportedModelError, first_line
 from ..graph import (
     InputSize,
+    available_memory,
+    check_memory,
     describe_node,
     example_input,
+    format_bytes,
     parent_name,
     record_shapes,
     resolve_input_size,
+    safe_deepcopy,
     trace_model,
 )
 
@@ -99,11 +102,14 @@ def resize_head(
             f"{describe_node(gm, run.failed_at)}: {first_line(run.error)}. "
             "Hint: input_size must be the size it was trained at."
         ) from run.error
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+    hint = "resize to a size closer to the training size, or convert the model (fcnify.convert) to run it at any size"
+    check_memory(gm, (1, *new_size), dtype, f"resizing the head of {type(model).__name__}", hint)
     run2 = record_shapes(gm, example_input(gm, new_size, batch_size=1))  # stops at the Linear, past the map
     linear, fmap = _flatten_linear(gm, run, model)
     (c, h, w), (c2, h2, w2) = run.shape(fmap)[1:], (run2.shape(fmap) or (0, 0, 0, 0))[1:]
     if (h, w) == (h2, w2):
-        return copy.deepcopy(model)  # the map reaching the Linear does not depend on the input size
+        return safe_deepcopy(model)  # the map reaching the Linear does not depend on the input size
     if c2 != c or min(h2, w2) < 1:
         raise UnsupportedModelError(
             f"the map {describe_node(gm, fmap)} flattened into {describe_node(gm, linear)} is "
@@ -111,6 +117,12 @@ def resize_head(
             "Hint: new_input_size must be large enough for the network's downsampling."
         )
     old = gm.get_submodule(linear.target)
+    need = old.out_features * c * h2 * w2 * old.weight.element_size()
+    if need > available_memory():
+        raise FcnifyError(
+            f"the resized {describe_node(gm, linear)} would have {old.out_features}x{c * h2 * w2} weights "
+            f"({format_bytes(need)}); {format_bytes(available_memory())} of memory is available. Hint: {hint}."
+        )
     weight = old.weight.detach().reshape(old.out_features, c, h, w)
     resampled = _resample(weight, (h2, w2), method) * (h * w) / (h2 * w2)
     new = nn.Linear(c * h2 * w2, old.out_features, bias=old.bias is not None)
@@ -120,7 +132,7 @@ def resize_head(
         if old.bias is not None:
             new.bias.copy_(old.bias.detach())
     new.train(old.training)
-    resized = copy.deepcopy(model)
+    resized = safe_deepcopy(model)
     parent, name = parent_name(linear.target)
     setattr(resized.get_submodule(parent) if parent else resized, name, new)
     resized.fcnify_input_size = new_size[1:]  # type: ignore[assignment]

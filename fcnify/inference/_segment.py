@@ -24,7 +24,7 @@ from torch import nn
 from .._errors import FcnifyError, UnsupportedModelError
 from ..analysis import geometry
 from ..conversion import ConversionReport, FullyConvolutionalNet, convert
-from ..graph import InputSize, describe_node, device_and_dtype, example_input, record_shapes
+from ..graph import InputSize, describe_node, device_and_dtype, eliminate_dead_code, example_input, record_shapes
 
 __all__ = ["segmenter", "Segmenter", "bilinear_kernel"]
 
@@ -364,7 +364,7 @@ def _with_outputs(fcn: fx.GraphModule, nodes: Sequence[fx.Node], share: bool = F
     graph.output(tuple(env[n] for n in nodes) if not share else env[nodes[0]])
     root = fcn if share else copy.deepcopy(fcn)
     backbone = fx.GraphModule(root, graph, f"{type(fcn).__name__}Backbone")
-    backbone.graph.eliminate_dead_code()
+    eliminate_dead_code(backbone)
     backbone.graph.lint()
     backbone.recompile()
     if not share:  # deleting would reach into fcn's own modules

@@ -24,6 +24,7 @@ from .._errors import FcnifyError, UnsupportedModelError
 from ..analysis import Geometry, geometry
 from ..conversion import FullyConvolutionalNet
 from ..graph import device_and_dtype, eval_mode
+from ._batch import as_device, input_channels
 
 __all__ = ["predict_tiled", "plan_tiles", "Tile", "open_image"]
 
@@ -244,8 +245,15 @@ def predict_tiled(
     """
     tile = (int(tile[0]), int(tile[1])) if isinstance(tile, (tuple, list)) else (int(tile), int(tile))
     source = _Source(image)
+    channels = input_channels(fcn)
+    if channels is not None and source.shape[1] != channels:
+        raise FcnifyError(
+            f"predict_tiled: the model reads {channels}-channel images, the image has {source.shape[1]} channels "
+            f"(shape {source.shape}). Hint: convert the image's channels, or check the layout (tensors are "
+            "(C, H, W), numpy arrays (H, W, C))."
+        )
     own_device, dtype = device_and_dtype(fcn)
-    device = torch.device(device) if device is not None else own_device
+    device = as_device(device, "predict_tiled") or own_device
     size = source.size
     if isinstance(fcn, FullyConvolutionalNet):
         at = fcn.fcnify_input_size

@@ -1,14 +1,22 @@
 """Finding a classifier by name or path, and loading its weights.
 
 Names: a bare name is looked up in torchvision first, then in timm; ``timm/NAME`` or
-``torchvision/NAME`` picks the library. A path to a file saved with ``torch.save(model)``
-loads that model.
+``torchvision/NAME`` picks the library. A library name wins over a file of the same name in the
+current folder unless the argument is clearly a path (``./resnet18``, ``models/x.pt``, a known
+extension).
+
+Files: a ``.pt2`` program (``torch.export``, what ``fcnify convert`` writes) loads safely. A whole
+model saved with ``torch.save(model)`` is a pickle: unpickling runs code stored in the file, so it
+loads only with ``trust=True`` (``--trust-pickle``), and with a warning that says why. Weights alone
+(a state dict, ``.safetensors``) go with an architecture name: ``load_model("resnet50", weights=F)``.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import pickle
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -40,18 +48,25 @@ def _timm_names():
     return timm.list_models()
 
 
+#: Endings that make an argument a path rather than a model name.
+_FILE_ENDINGS = (".pt", ".pth", ".pt2", ".bin", ".ckpt", ".pkl", ".safetensors")
+
+
 def load_model(
-    name: str, pretrained: bool = False, weights: Optional[str] = None
+    name: str, pretrained: bool = False, weights: Optional[str] = None, trust: bool = False
 ) -> Tuple[nn.Module, Optional[Tuple[int, int]]]:
     """Build a classifier from a torchvision or timm name, or load a saved model file.
 
     Args:
         name: ``resnet50`` (torchvision first, then timm), ``timm/resnet50``,
-            ``torchvision/resnet50``, a path to a ``torch.save``-d model, or
+            ``torchvision/resnet50``, a path to a ``.pt2`` program or a ``torch.save``-d model, or
             ``efficientnet_lite0_imagenet``: real ImageNet weights from the ``demo`` extra.
         pretrained: load the library's own pretrained weights (needs internet or a
             filled cache: torchvision's hub cache, Hugging Face's for timm).
-        weights: a local state-dict file (``.pth``, ``.pt``, ``.safetensors``).
+        weights: a local state-dict file (``.pth``, ``.pt``, ``.safetensors``), read without
+            unpickling code.
+        trust: allow a whole-model pickle (``torch.save(model)``) to load: unpickling runs code
+            from the file, so pass True only for files from a source you trust.
 
     Returns:
         ``(model, (H, W))``: the model in eval mode, and its training size when the
@@ -61,9 +76,13 @@ def load_model(
         ModelLoadError: unknown name (with close matches), unreadable file, weights that
             do not fit the architecture, or pretrained weights that cannot be fetched.
     """
-    if os.path.exists(name):
-        model = _load_model_file(name)
-        size = None
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(
+            f"expected a model name or path, got {name!r}. Hint: load_model('resnet50') or load_model('model.pt2')."
+        )
+    size: Optional[Tuple[int, ...]] = None
+    if _is_path(name) or (name != LITE0_NAME and not _is_library_name(name) and os.path.exists(name)):
+        model = _load_model_file(name, trust)
     elif name == LITE0_NAME:
         model, size = load_lite0(), (224, 224)
     else:
@@ -77,6 +96,17 @@ def load_model(
     if size is not None:
         model.fcnify_input_size = tuple(size)
     return model.eval(), size
+
+
+def _is_path(name: str) -> bool:
+    """Clearly a path: a folder part that is not a library prefix, a leading dot, or a file ending."""
+    if any(name.startswith(prefix) for prefix in _PREFIXES):
+        return False
+    return os.sep in name or "/" in name or name.startswith(".") or name.lower().endswith(_FILE_ENDINGS)
+
+
+def _is_library_name(name: str) -> bool:
+    return name in _torchvision_names() or name in _timm_names()
 
 
 def _resolve(name: str) -> Tuple[str, str]:
@@ -151,12 +181,49 @@ def _timm(name: str, pretrained: bool):
     return model, tuple(model.pretrained_cfg["input_size"][1:])
 
 
-def _load_model_file(path: str) -> nn.Module:
+def _load_model_file(path: str, trust: bool = False) -> nn.Module:
+    """A model from a file: a ``.pt2`` program, or a whole-model pickle when ``trust`` allows it."""
+    if not os.path.isfile(path):
+        what = "is a folder, not a model file" if os.path.isdir(path) else "does not exist"
+        raise ModelLoadError(f"model file {path} {what}. Hint: check the path, or pass a model name such as resnet50.")
+    if path.lower().endswith(".safetensors"):
+        raise ModelLoadError(
+            f"{path} holds weights only, not an architecture. Hint: name the architecture and pass the file "
+            f"as weights: fcnify convert resnet50 --weights {path}"
+        )
+    if path.lower().endswith(".pt2"):
+        try:
+            return torch.export.load(path).module()
+        except Exception as err:
+            raise ModelLoadError(
+                f"cannot read the torch.export program {path}: {first_line(err)}. "
+                "Hint: write it with torch.export.save (fcnify convert does)."
+            ) from err
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            raise ModelLoadError(
+                f"{path} is a pickled whole model: loading it runs code stored in the file, which could do "
+                "anything. Hint: pass --trust-pickle (trust=True) only for a file from a source you trust; "
+                "safer, save the model as a .pt2 program (fcnify convert writes one) or save its state dict "
+                "and pass it with the architecture name: fcnify convert resnet50 --weights FILE."
+            ) from err
+        warnings.warn(
+            f"loading {path} with pickle (trust=True): this runs code stored in the file; prefer a .pt2 "
+            "program or a state dict.",
+            stacklevel=3,
+        )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err2:
+            raise ModelLoadError(
+                f"cannot read model file {path}: {first_line(err2)}. Hint: save models with torch.save(model, path)."
+            ) from err2
     except Exception as err:
         raise ModelLoadError(
-            f"cannot read model file {path}: {err}. Hint: save models with torch.save(model, path)."
+            f"cannot read model file {path}: {type(err).__name__}: {first_line(err)}. "
+            "Hint: pass a .pt2 program, a torch.save-d model, or a model name such as resnet50."
         ) from err
     if isinstance(obj, nn.Module):
         return obj

@@ -12,14 +12,16 @@ non-linear head, where none exists and the report says so:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from .._errors import FcnifyError
+from .._errors import FcnifyError, VerificationError
 from ..graph import eval_mode
 from ._compare import DEFAULT_RTOL, compare
 
@@ -40,6 +42,8 @@ class OutputCheck:
     max_abs_error: float
     max_rel_error: float
     tolerance: float
+    #: for ``cells``: the probe size and how many cells were compared
+    detail: str = ""
 
     @property
     def passed(self) -> bool:
@@ -50,7 +54,15 @@ class OutputCheck:
             "equal": "map == logits",
             "mean": "mean of map == logits",
             "none": "no exact check applies (non-affine head after pooling); shape checked",
+            "cells": "",
         }[self.check]
+        if self.check == "cells":
+            found, expected = "x".join(map(str, self.shape)), "x".join(map(str, self.reference_shape))
+            line = f"cells {self.detail}: {found} map (the body gives {expected}), each == original head on its window"
+            if self.shape != self.reference_shape:
+                return line + "  FAILED (wrong map size)"
+            line += f": max abs error {self.max_abs_error:.2e} (rel {self.max_rel_error:.2e}, tol {self.tolerance:.1e})"
+            return line + ("" if self.passed else "  FAILED")
         line = f"output {self.index}: {tuple(self.shape)} vs {tuple(self.reference_shape)}, {what}"
         if self.check != "none":
             line += f": max abs error {self.max_abs_error:.2e} (rel {self.max_rel_error:.2e}, tol {self.tolerance:.1e})"
@@ -93,6 +105,10 @@ def check_outputs(
 ) -> VerificationReport:
     """Run both models on ``image`` (each in eval mode, restored after) and compare output by output.
 
+    Each model gets its own copy of the input (a model that modifies its input in place cannot
+    hide a difference), and the original runs on a copy of itself when it has lazy modules, which
+    a first call would materialise.
+
     Args:
         original: the classifier.
         converted: the converted model.
@@ -105,11 +121,25 @@ def check_outputs(
     Raises:
         FcnifyError: the two models return different numbers of outputs.
     """
+    if any(isinstance(m, LazyModuleMixin) for m in original.modules()):
+        original = copy.deepcopy(original)  # a first call would materialise the user's lazy modules
     with torch.no_grad(), eval_mode(original), eval_mode(converted):
-        reference = original(image)
-        result = converted(image)
+        reference = original(image.clone())  # each its own copy: a model may change its input in place
+        result = converted(image.clone())
     refs, _ = pytree.tree_flatten(reference)
     outs, _ = pytree.tree_flatten(result)
+    if any(isinstance(r, torch.Tensor) and r.is_floating_point() and not torch.isfinite(r).all() for r in refs):
+        bad = [name for name, p in original.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+        where = (
+            f"its parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or inf"
+            if bad
+            else "its weights or buffers overflow on a standard normal input"
+        )
+        raise VerificationError(
+            f"the original {type(original).__name__} itself returns NaN or inf at "
+            f"{'x'.join(map(str, image.shape[1:]))}: {where}. Hint: check the weights (torch.isfinite(p).all() for "
+            "each parameter); nothing can be verified against non-finite logits."
+        )
     if len(refs) != len(outs):
         raise FcnifyError(f"the converted model returns {len(outs)} outputs where the original returns {len(refs)}")
     if checks is None:
