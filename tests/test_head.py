@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fcnify
-import fcnify._rewrite
-import fcnify.rules.pool
+import fcnify.conversion._rewrite
+import fcnify.conversion.rules.global_pool_to_window_pool as global_pool
 from fcnify import VerificationError
 
 
@@ -77,7 +77,7 @@ def test_the_last_pool_before_the_head_still_slides_with_stride_1():
 
 def test_the_old_head_finding_fails_its_own_verification(monkeypatch):
     """Were the transition pool taken for the head's pool again, the cell check would refuse the result."""
-    monkeypatch.setattr(fcnify._rewrite, "_spatial_tail", lambda *args: set())
+    monkeypatch.setattr(fcnify.conversion._rewrite, "_spatial_tail", lambda *args: set())
     with pytest.raises(VerificationError, match=r"cells at 64x96 .*FAILED"):
         fcnify.convert(TransitionAtEnd().eval(), input_size=(32, 32))
 
@@ -89,7 +89,7 @@ def test_a_window_pool_of_the_wrong_stride_fails_verification(monkeypatch):
     def stride_2(x, kernel_size, stride=None, *args, **kwargs):
         return real(x, kernel_size, 2, *args, **kwargs)
 
-    monkeypatch.setattr(fcnify.rules.pool.F, "avg_pool2d", stride_2)
+    monkeypatch.setattr(global_pool.F, "avg_pool2d", stride_2)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(VerificationError, match=r"wrong map size"):
         fcnify.convert(model.eval(), input_size=(12, 12))
@@ -97,12 +97,12 @@ def test_a_window_pool_of_the_wrong_stride_fails_verification(monkeypatch):
 
 def test_a_flipped_dense_map_fails_verification(monkeypatch):
     """Dense mode after an average pool: the mean of a flipped map is right, its cells are not."""
-    apply = fcnify.rules.pool.GlobalPoolToWindowPool.apply
+    rewrite = global_pool.GlobalPoolToWindowPool.rewrite
 
-    def flipped(self, node, ctx):
-        return ctx.method("flip", apply(self, node, ctx), (2, 3))
+    def flipped(self, node, ctx, match):
+        return ctx.method("flip", rewrite(self, node, ctx, match), (2, 3))
 
-    monkeypatch.setattr(fcnify.rules.pool.GlobalPoolToWindowPool, "apply", flipped)
+    monkeypatch.setattr(global_pool.GlobalPoolToWindowPool, "rewrite", flipped)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(VerificationError, match=r"cells at .*FAILED"):
         fcnify.convert(model.eval(), input_size=(12, 12), mode="dense")

@@ -8,9 +8,11 @@ from fcnify.cli._args import add_model_arguments
 from fcnify.verification import DEFAULT_RTOL, ONNX_RTOL, compare
 
 
-def test_tolerance_is_relative_to_the_largest_reference_value_floored_at_one():
-    small = compare([(torch.tensor([1e-3]), torch.tensor([1e-3 + 5e-5]))])
-    assert small.scale == 1.0 and small.tolerance == DEFAULT_RTOL and small.passed
+def test_tolerance_is_relative_to_the_largest_reference_value_however_small():
+    small = compare([(torch.tensor([1e-3]), torch.tensor([1e-3 + 5e-5]))])  # 5% off: fails at any scale
+    assert small.scale == pytest.approx(1e-3) and small.tolerance == pytest.approx(1e-3 * DEFAULT_RTOL)
+    assert not small.passed
+    assert compare([(torch.tensor([1e-8]), torch.tensor([1e-8 * (1 + 1e-6)]))]).passed
     large = compare([(torch.tensor([100.0, 1.0]), torch.tensor([100.0, 1.05]))])
     assert large.scale == 100.0 and large.tolerance == pytest.approx(100 * DEFAULT_RTOL) and not large.passed
     assert compare([(torch.tensor([100.0]), torch.tensor([100.05]))], rtol=ONNX_RTOL).passed

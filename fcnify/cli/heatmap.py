@@ -59,7 +59,7 @@ def _normalization(model: Any, name: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ..conversion import convert
     from ..inference import heatmap, render_heatmap
-    from .heatmap import MAX_PANELS
+    from ..inference._heatmap import MAX_PANELS
 
     if not 1 <= args.top <= MAX_PANELS:
         raise FcnifyError(f"--top must be from 1 to {MAX_PANELS} (one panel per class), got {args.top}. Hint: --top 3.")

@@ -210,17 +210,14 @@ def _spatial_tail(gm: fx.GraphModule, head: set, run: ShapeRun, run2: Optional[S
     At the training size a downsampling pool can reduce the map to 1x1 while convolutions still
     follow it (a DenseNet's last transition at 32x32): its maps have one position, so they look like
     the head, yet at a larger size the pool keeps its stride and the layers after it combine
-    neighbouring cells. The head starts after the last layer that mixes positions: a node is moved
-    to the body when a mixing layer follows it, and a last mixing layer that is not a pool (a 3x3
-    convolution on the 1x1 map) is moved too. The last pool stays: it is the head's global pool.
+    neighbouring cells. The head starts after the last layer that mixes positions other than a pool
+    over the whole map: such a layer (a 3x3 convolution on the 1x1 map, a pool that covers the map
+    only with its padding) moves to the body, with everything it is computed from. Pools over the
+    whole map followed only by such pools stay: they slide with stride 1, which is exact (the
+    pool of a pool over a window is the pool over that window).
     """
     nodes = [n for n in gm.graph.nodes if n in head]
-    mixers = {n for n in nodes if _mixes_positions(gm, n, run, run2)}
-    mixer_after: set = set()  # head nodes from which a mixing layer is reachable
-    for node in reversed(nodes):
-        if any(u in mixers or u in mixer_after for u in node.users):
-            mixer_after.add(node)
-    tail = {m for m in mixers if m in mixer_after or not _is_pool(gm, m)}
+    tail = {n for n in nodes if _mixes_positions(gm, n, run, run2) and not _is_pool(gm, n, run)}
     for node in reversed(nodes):  # with everything they are computed from
         if any(u in tail for u in node.users):
             tail.add(node)
@@ -272,13 +269,36 @@ _OTHER_MIXING_FUNCTIONS = (F.interpolate, F.upsample, F.pad, F.pixel_shuffle, F.
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "logsumexp", "std", "var", "nansum", "nanmean")
 
 
-def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A pool over positions: a pooling module or function, or a reduction (``x.mean((2, 3))``)."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _POOL_MODULES)
-    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+def _is_pool(gm: fx.GraphModule, node: fx.Node, run: ShapeRun) -> bool:
+    """A pool over every position: a reduction (``x.mean((2, 3))``), an adaptive pool, or a fixed pool
+    whose one window covers its input exactly at the training size (no padding, kernel = map).
+
+    A fixed pool that covers the map only with its padding (``AvgPool2d(4, padding=1)`` on a 4x4
+    map) has no sliding equivalent: it stays in the body with its stride.
+    """
+    if _reduction_name(node) is not None:
         return True
-    return _reduction_name(node) is not None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, _POOL_MODULES):
+            return False
+        if isinstance(module, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
+            return True
+        kernel, padding = module.kernel_size, getattr(module, "padding", 0)
+    elif node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        if "adaptive" in node.target.__name__:
+            return True
+        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+        padding = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
+    else:
+        return False
+    shape = run.shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if shape is None:
+        return False
+    spatial = tuple(shape[2:])
+    kernel = _as_tuple(kernel) * (len(spatial) if not isinstance(kernel, (tuple, list)) else 1)
+    padding = _as_tuple(padding)
+    return tuple(kernel) == spatial and not any(padding)
 
 
 def _reduction_name(node: fx.Node) -> Optional[str]:
