@@ -23,6 +23,7 @@ from .padded import predict_padded
 from .heatmap import HeatmapResult, class_names, heatmap, render_heatmap
 from ._models import load_model
 from ._lite0 import load_lite0
+from .io import open_image
 
 __version__ = "0.1.0"
 
@@ -56,4 +57,5 @@ __all__ = [
     "class_names",
     "load_model",
     "load_lite0",
+    "open_image",
 ]
