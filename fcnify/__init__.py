@@ -24,6 +24,7 @@ from .heatmap import HeatmapResult, class_names, heatmap, render_heatmap
 from ._models import load_model
 from ._lite0 import load_lite0
 from .io import open_image
+from ._predict import predict
 
 __version__ = "0.1.0"
 
@@ -58,4 +59,5 @@ __all__ = [
     "load_model",
     "load_lite0",
     "open_image",
+    "predict",
 ]
