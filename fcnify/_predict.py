@@ -248,13 +248,11 @@ def _load_fcn(fcn: Any, input_size: Optional[Sequence[int]] = None) -> nn.Module
         raise FcnifyError(f"cannot use a {type(fcn).__name__} as a model. Hint: pass fcnify.convert(model) or a path.")
     name = os.fspath(fcn)
     if name.endswith(".pt2"):
-        if not os.path.isfile(name):
-            raise FcnifyError(f"model file not found: {name}. Hint: check the path.")
-        program = torch.export.load(name)
-        module = program.module()
-        module.fcnify_input_size = _program_min_size(program)
-        module.fcnify_name = name
-        return module
+        raise FcnifyError(
+            f"{name} is a torch.export program: its ATen graph carries no layer geometry that fcnify can read "
+            "back, so its tiles cannot be planned. Hint: pass the model name (fcnify predict resnet50 ...) or "
+            "fcnify.convert(model) in Python."
+        )
     from ._convert import convert
     from ._models import load_model
 
@@ -265,24 +263,6 @@ def _load_fcn(fcn: Any, input_size: Optional[Sequence[int]] = None) -> nn.Module
     converted = convert(model, input_size=size)
     converted.fcnify_name = name
     return converted
-
-
-def _program_min_size(program: Any) -> Optional[Tuple[int, int, int]]:
-    """The training size a ``.pt2`` from ``fcnify convert`` was exported at: the minimum of its
-    dynamic height and width."""
-    try:
-        spec = next(s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT")
-        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
-        shape = node.meta["val"].shape
-        sizes = []
-        for dim in shape[1:]:
-            if isinstance(dim, int):
-                sizes.append(dim)
-            else:
-                sizes.append(int(program.range_constraints[dim.node.expr].lower))
-        return tuple(sizes)  # type: ignore[return-value]
-    except Exception:  # noqa: BLE001 - best effort: geometry falls back to a probe
-        return None
 
 
 def _model_input_size(fcn: nn.Module) -> Tuple[int, int, int]:
@@ -303,8 +283,7 @@ def _fingerprint(fcn: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(fcn.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     if isinstance(fcn, fx.GraphModule):
         digest.update(fcn.code.encode())
     return digest.hexdigest()[:16]
@@ -528,10 +507,7 @@ def _run_dask(client: Any, fcn: nn.Module, plan: PredictPlan, pending: List[int]
                           "Hint: save it (np.save('image.npy', array)) and pass the path.")
     input_size = _model_input_size(fcn)
     program_path = os.path.join(output, ".fcnify-model.pt2")  # next to the scores: workers see both
-    if isinstance(fcn, fx.GraphModule) and not hasattr(fcn, "conversion_report") and getattr(fcn, "fcnify_name", "").endswith(".pt2"):
-        shutil.copyfile(fcn.fcnify_name, program_path)
-    else:
-        torch.export.save(export_program(fcn, input_size), program_path)
+    torch.export.save(export_program(fcn, input_size), program_path)
     cols = plan.grid[1]
     items = [(k // cols, k % cols, plan.tiles[k]) for k in pending]
     with _dask_client(client) as dask:

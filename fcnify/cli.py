@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._heatmap_cli import add_parser as _add_heatmap_parser
 
     _add_heatmap_parser(sub, _size)
+    from ._predict_cli import add_parser as _add_predict_parser
+
+    _add_predict_parser(sub)
     demo = sub.add_parser(
         "demo",
         help="the first thing to run: a real ImageNet model finds a cat, an espresso and a rocket on one canvas",
@@ -191,6 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from ._heatmap_cli import run as _heatmap
 
             return _heatmap(args)
+        if args.command == "predict":
+            from ._predict_cli import run as _predict
+
+            return _predict(args)
         if args.command == "demo":
             from .demo import run_demo
 
