@@ -58,23 +58,23 @@ import re
 import shutil
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 
 from ._errors import FcnifyError
 from .geometry import Geometry, geometry
 from .io import LazyImage, load_mask, open_image
 from .tiled import Tile, _check_translation_invariant, _eval
 
-__all__ = ["predict", "parse_memory", "PredictPlan", "plan_predict"]
+__all__ = ["PredictPlan", "parse_memory", "plan_predict", "predict"]
 
 log = logging.getLogger("fcnify")
 
-Pair = Tuple[int, int]
+Pair = tuple[int, int]
 _GLOB = re.compile(r"[*?\[]")
 DEFAULT_MEMORY = 2 * 2**30
 
@@ -82,7 +82,7 @@ DEFAULT_MEMORY = 2 * 2**30
 # -- sizes and memory -------------------------------------------------------------------------
 
 
-def parse_memory(value: Union[str, int, float]) -> int:
+def parse_memory(value: str | float) -> int:
     """``"2GB"``, ``"500 MB"``, ``"1.5GiB"`` or a number of bytes, as bytes.
 
     Example:
@@ -100,7 +100,7 @@ def parse_memory(value: Union[str, int, float]) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _peak_activation_bytes(fcn: nn.Module, x: torch.Tensor) -> Tuple[int, torch.Tensor]:
+def _peak_activation_bytes(fcn: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Peak bytes of the values alive at once during ``fcn(x)`` (fx frees a value after its last
     use), and the output. Falls back to the sum of all module outputs for untraceable models."""
     gm = fcn if isinstance(fcn, fx.GraphModule) else None
@@ -110,7 +110,7 @@ def _peak_activation_bytes(fcn: nn.Module, x: torch.Tensor) -> Tuple[int, torch.
 
             gm = trace(fcn)
     if gm is None:
-        sizes: List[int] = []
+        sizes: list[int] = []
         hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(_nbytes(o))) for m in fcn.modules()]
         try:
             with torch.no_grad():
@@ -119,7 +119,7 @@ def _peak_activation_bytes(fcn: nn.Module, x: torch.Tensor) -> Tuple[int, torch.
             for hook in hooks:
                 hook.remove()
         return sum(sizes), out
-    sizes_by_node: Dict[fx.Node, int] = {}
+    sizes_by_node: dict[fx.Node, int] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -130,8 +130,8 @@ def _peak_activation_bytes(fcn: nn.Module, x: torch.Tensor) -> Tuple[int, torch.
     with torch.no_grad():
         out = Recorder(gm).run(x)
     order = {n: k for k, n in enumerate(gm.graph.nodes)}
-    ends: Dict[int, int] = collections.defaultdict(int)
-    starts: Dict[int, int] = collections.defaultdict(int)
+    ends: dict[int, int] = collections.defaultdict(int)
+    starts: dict[int, int] = collections.defaultdict(int)
     for n, size in sizes_by_node.items():
         last = max((order[u] for u in n.users), default=order[n])
         starts[order[n]] += size
@@ -176,7 +176,7 @@ class PredictPlan:
     map_size: Pair
     cells: Pair
     tile: Pair
-    tiles: List[Tile]
+    tiles: list[Tile]
     grid: Pair
 
     @property
@@ -186,7 +186,7 @@ class PredictPlan:
         return computed / (self.image_size[0] * self.image_size[1]) - 1.0
 
 
-def _axis_segments(n: int, cells: int, geo: Geometry, dim: int, n_out: int, minimum: int) -> List[Tuple[int, int, int, int]]:
+def _axis_segments(n: int, cells: int, geo: Geometry, dim: int, n_out: int, minimum: int) -> list[tuple[int, int, int, int]]:
     """``(start, stop, first cell, last cell + 1)`` of the tiles along one axis, ``cells`` cells each.
 
     A tile starts on a multiple of the stride (or at 0) at or before its first cell's window and
@@ -240,7 +240,7 @@ def _cells_for_tile(tile: int, geo: Geometry, dim: int, n_out: int) -> int:
 # -- the model --------------------------------------------------------------------------------
 
 
-def _load_fcn(fcn: Any, input_size: Optional[Sequence[int]] = None) -> nn.Module:
+def _load_fcn(fcn: Any, input_size: Sequence[int] | None = None) -> nn.Module:
     """A converted model, or one loaded from a path: ``.pt2`` (torch.export) or a CLI model name."""
     if isinstance(fcn, nn.Module):
         return fcn
@@ -265,7 +265,7 @@ def _load_fcn(fcn: Any, input_size: Optional[Sequence[int]] = None) -> nn.Module
     return converted
 
 
-def _model_input_size(fcn: nn.Module) -> Tuple[int, int, int]:
+def _model_input_size(fcn: nn.Module) -> tuple[int, int, int]:
     report = getattr(fcn, "conversion_report", None)
     if report is not None:
         return tuple(report.input_size)  # type: ignore[return-value]
@@ -292,8 +292,8 @@ def _fingerprint(fcn: nn.Module) -> str:
 # -- the store --------------------------------------------------------------------------------
 
 
-def _open_store(output: str, attrs: Dict[str, Any], plan: PredictPlan, channels: int, dtype: str,
-                resume: bool, force: bool) -> Tuple[Any, Any, Any]:
+def _open_store(output: str, attrs: dict[str, Any], plan: PredictPlan, channels: int, dtype: str,
+                resume: bool, force: bool) -> tuple[Any, Any, Any]:
     import zarr
 
     if os.path.exists(output) and not resume:
@@ -342,16 +342,41 @@ def _is_fcnify_store(path: str) -> bool:
 # -- running tiles ----------------------------------------------------------------------------
 
 
+class _Progress:
+    """A tqdm bar of tiles whose postfix shows megapixels per second and the recomputed overlap."""
+
+    def __init__(self, total: int, overlap: float, stride: Pair, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="tile", desc="fcnify predict", disable=not enabled, dynamic_ncols=True)
+        self.overlap, self.area = overlap, stride[0] * stride[1]
+        self.start = time.perf_counter()
+        self.megapixels = 0.0
+        self.bar.set_postfix_str(f"overlap {100 * overlap:.0f}%")
+
+    def update(self, tiles: Sequence[Tile]) -> None:
+        self.megapixels += sum((t.i1 - t.i0) * (t.j1 - t.j0) for t in tiles) * self.area / 1e6
+        self.bar.set_postfix_str(f"{self.rate:.2f} MP/s, overlap {100 * self.overlap:.0f}%", refresh=False)
+        self.bar.update(len(tiles))
+
+    @property
+    def rate(self) -> float:
+        return self.megapixels / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclasses.dataclass
 class _Job:
     """What a process needs to compute tiles: everything is plain data (sent to Dask workers)."""
 
-    image: Optional[str]
+    image: str | None
     level: int
-    reader: Optional[str]
+    reader: str | None
     output: str
-    channels: Optional[List[int]]
-    normalize: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]
+    channels: list[int] | None
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None
     dtype: str
     stride: Pair
 
@@ -365,7 +390,7 @@ def _prepare(window: np.ndarray, job: _Job, device: torch.device, dtype: torch.d
     return x.to(device=device, dtype=dtype)
 
 
-def _cells(result: torch.Tensor, tiles: Sequence[Tile], job: _Job) -> Iterator[Tuple[Tile, np.ndarray]]:
+def _cells(result: torch.Tensor, tiles: Sequence[Tile], job: _Job) -> Iterator[tuple[Tile, np.ndarray]]:
     """The cells each tile provides, cut from the model's output on a batch of tiles."""
     if not isinstance(result, torch.Tensor) or result.dim() != 4:
         raise FcnifyError(f"predict needs a model with one (N, K, h, w) output, got {type(result).__name__}. "
@@ -386,8 +411,8 @@ def _cells(result: torch.Tensor, tiles: Sequence[Tile], job: _Job) -> Iterator[T
         yield t, part.float().cpu().numpy().astype(job.dtype, copy=False)
 
 
-def _batches(tiles: Sequence[Tile], batch_size: int) -> Iterator[List[Tile]]:
-    group: List[Tile] = []
+def _batches(tiles: Sequence[Tile], batch_size: int) -> Iterator[list[Tile]]:
+    group: list[Tile] = []
     for t in tiles:
         shape = (t.y1 - t.y0, t.x1 - t.x0)
         if group and (len(group) >= batch_size or (group[0].y1 - group[0].y0, group[0].x1 - group[0].x0) != shape):
@@ -403,8 +428,8 @@ def _write(scores: Any, done: Any, t: Tile, index: Pair, block: np.ndarray) -> N
     done[index[0], index[1]] = 1  # after the scores: a flag means the chunk is complete
 
 
-def _run_local(fcn: nn.Module, image: LazyImage, plan: PredictPlan, pending: List[int], scores: Any, done: Any,
-               job: _Job, batch_size: int, device: torch.device, workers: int, bar: Any) -> None:
+def _run_local(fcn: nn.Module, image: LazyImage, plan: PredictPlan, pending: list[int], scores: Any, done: Any,
+               job: _Job, batch_size: int, device: torch.device, workers: int, bar: _Progress) -> None:
     """Read (``workers`` threads, ahead of the model), compute (this thread) and write (one thread)."""
     param = next(iter(fcn.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -412,10 +437,10 @@ def _run_local(fcn: nn.Module, image: LazyImage, plan: PredictPlan, pending: Lis
     tiles = [plan.tiles[k] for k in pending]
     index_of = {id(plan.tiles[k]): (k // cols, k % cols) for k in pending}
     batches = list(_batches(tiles, batch_size))
-    lock = threading.Lock()
+    lock = threading.Lock()  # rasterio datasets are not thread-safe
 
-    def read(batch: List[Tile]) -> torch.Tensor:
-        with lock if image.reader == "openslide" else contextlib.nullcontext():
+    def read(batch: list[Tile]) -> torch.Tensor:
+        with lock if image.reader in ("rasterio", "openslide") else contextlib.nullcontext():
             windows = [image.read(t.y0, t.x0, t.y1 - t.y0, t.x1 - t.x0) for t in batch]
         return torch.cat([_prepare(w, job, device, dtype) for w in windows])
 
@@ -432,21 +457,23 @@ def _run_local(fcn: nn.Module, image: LazyImage, plan: PredictPlan, pending: Lis
             x = reads.popleft().result()
             result = fcn(x)
             for t, block in _cells(result, batch, job):
-                writes.append(writer.submit(_write, scores, done, t, index_of[id(t)], block))
-            while len(writes) > 2 * batch_size or (writes and writes[0].done()):
-                writes.popleft().result()
-                bar.update(1)
+                writes.append((t, writer.submit(_write, scores, done, t, index_of[id(t)], block)))
+            while len(writes) > 2 * batch_size or (writes and writes[0][1].done()):
+                t, future = writes.popleft()
+                future.result()
+                bar.update([t])
         while writes:
-            writes.popleft().result()
-            bar.update(1)
+            t, future = writes.popleft()
+            future.result()
+            bar.update([t])
 
 
 # -- Dask ---------------------------------------------------------------------------------------
 
-_WORKER_CACHE: Dict[Tuple[str, ...], Any] = {}
+_WORKER_CACHE: dict[tuple[str, ...], Any] = {}
 
 
-def _worker_tiles(program: str, job: _Job, tiles: List[Tuple[int, int, Tile]]) -> int:
+def _worker_tiles(program: str, job: _Job, tiles: list[tuple[int, int, Tile]]) -> int:
     """On a Dask worker: load the exported model and the image once, compute ``tiles`` and write them."""
     import zarr
 
@@ -496,8 +523,8 @@ def _dask_client(client: Any) -> Iterator[Any]:
         yield remote
 
 
-def _run_dask(client: Any, fcn: nn.Module, plan: PredictPlan, pending: List[int], job: _Job, output: str,
-              bar: Any) -> None:
+def _run_dask(client: Any, fcn: nn.Module, plan: PredictPlan, pending: list[int], job: _Job, output: str,
+              bar: _Progress) -> None:
     from distributed import as_completed
 
     from ._save import export_program
@@ -514,9 +541,10 @@ def _run_dask(client: Any, fcn: nn.Module, plan: PredictPlan, pending: List[int]
         n_workers = max(1, len(dask.scheduler_info(n_workers=-1).get("workers", {})))
         size = max(1, math.ceil(len(items) / (4 * n_workers)))
         groups = [items[k:k + size] for k in range(0, len(items), size)]
-        futures = [dask.submit(_worker_tiles, program_path, job, group, pure=False) for group in groups]
+        futures = {dask.submit(_worker_tiles, program_path, job, group, pure=False): group for group in groups}
         for future in as_completed(futures):
-            bar.update(future.result())
+            future.result()
+            bar.update([t for _, _, t in futures[future]])
     with contextlib.suppress(OSError):
         os.remove(program_path)
 
@@ -527,24 +555,24 @@ def _run_dask(client: Any, fcn: nn.Module, plan: PredictPlan, pending: List[int]
 def predict(
     fcn: Any,
     image: Any,
-    output: Union[str, os.PathLike],
+    output: str | os.PathLike,
     *,
     level: int = 0,
-    mpp: Optional[float] = None,
+    mpp: float | None = None,
     mask: Any = None,
-    tile: Optional[Union[int, Sequence[int]]] = None,
-    memory: Optional[Union[str, int]] = None,
+    tile: int | Sequence[int] | None = None,
+    memory: str | int | None = None,
     batch_size: int = 1,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     workers: int = 1,
     client: Any = None,
     progress: bool = True,
-    classes: Optional[Sequence[Union[int, str]]] = None,
+    classes: Sequence[int | str] | None = None,
     dtype: str = "float32",
     resume: bool = False,
     force: bool = False,
     normalize: Any = False,
-    reader: Optional[str] = None,
+    reader: str | None = None,
 ) -> Any:
     """Run ``fcn`` over a large image and write its class map to a Zarr store, tile by tile.
 
@@ -625,7 +653,7 @@ def predict(
                             dtype=dtype, resume=resume, force=force, normalize=normalize, start=start)
 
 
-def _predict_many(fcn: Any, pattern: str, output: str, **kwargs: Any) -> List[Any]:
+def _predict_many(fcn: Any, pattern: str, output: str, **kwargs: Any) -> list[Any]:
     paths = sorted(glob.glob(pattern))
     if not paths:
         raise FcnifyError(f"no file matches {pattern}. Hint: check the pattern (quote it in a shell).")
@@ -659,8 +687,8 @@ def _complete(store: str) -> bool:
 
 
 def _choose_cells(fcn: nn.Module, geo: Geometry, plan_size: Pair, map_size: Pair, channels: int,
-                  tile: Optional[Union[int, Sequence[int]]], memory: Optional[Union[str, int]], batch_size: int,
-                  minimum: Pair) -> Tuple[Pair, str]:
+                  tile: int | Sequence[int] | None, memory: str | int | None, batch_size: int,
+                  minimum: Pair) -> tuple[Pair, str]:
     """Cells per tile from ``tile=`` or from a memory budget, and a sentence saying which and why."""
     if tile is not None:
         ty, tx = (int(tile), int(tile)) if isinstance(tile, (int, np.integer)) else (int(tile[0]), int(tile[1]))
@@ -686,7 +714,7 @@ def _choose_cells(fcn: nn.Module, geo: Geometry, plan_size: Pair, map_size: Pair
                    f"(estimated peak {estimate / 2**30:.2f} GB)")
 
 
-def _number(value: float) -> Union[int, float]:
+def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
@@ -717,7 +745,7 @@ def _predict_one(fcn: nn.Module, image: LazyImage, output: str, *, mask: Any, ti
     names = class_names(n_classes) if n_classes == 1000 else None
     chosen = None if classes is None else [_class_index(c, names or [str(i) for i in range(n_classes)]) for c in classes]
     kept = chosen if chosen is not None else list(range(n_classes))
-    labels: List[Any] = [names[k] for k in kept] if names else kept
+    labels: list[Any] = [names[k] for k in kept] if names else kept
     cells, why = _choose_cells(fcn, geo, (H, W), map_size, C, tile, memory, batch_size, minimum)
     plan = plan_predict(geo, (H, W), cells, minimum)
     _check_translation_invariant(geo, plan.tile)
@@ -756,7 +784,7 @@ def _predict_one(fcn: nn.Module, image: LazyImage, output: str, *, mask: Any, ti
     }
     group, scores, done = _open_store(output, attrs, plan, len(kept), dtype, resume, force)
     flags = done[:]
-    rows, cols = plan.grid
+    cols = plan.grid[1]
     skipped = 0
     if mask_obj is not None:
         s, o, r = geo.stride, geo.offset, geo.receptive_field
@@ -775,25 +803,16 @@ def _predict_one(fcn: nn.Module, image: LazyImage, output: str, *, mask: Any, ti
              f", {skipped} skipped by the mask" if skipped else "", f", {resumed} already done" if resumed else "")
     job = _Job(image=image.path, level=image.level, reader=image.reader if image.path else None, output=output,
                channels=chosen, normalize=stats, dtype=dtype, stride=geo.stride)
-    from tqdm.auto import tqdm
-
-    megapixels = sum((plan.tiles[k].i1 - plan.tiles[k].i0) * (plan.tiles[k].j1 - plan.tiles[k].j0) for k in pending) \
-        * geo.stride[0] * geo.stride[1] / 1e6
-    bar = tqdm(total=len(pending), unit="tile", desc="fcnify predict", disable=not progress, dynamic_ncols=True)
-    bar.set_postfix_str(f"overlap {100 * plan.overlap:.0f}%")
-    t0 = time.perf_counter()
+    bar = _Progress(len(pending), plan.overlap, geo.stride, progress)
     try:
         if client is not None:
             _run_dask(client, fcn, plan, pending, job, output, bar)
         else:
             _run_local(fcn, image, plan, pending, scores, done, job, batch_size, run_device, workers, bar)
     finally:
-        seconds = time.perf_counter() - t0
-        bar.set_postfix_str(f"{megapixels / max(seconds, 1e-9):.1f} MP/s, overlap {100 * plan.overlap:.0f}%")
         bar.close()
     attrs["tiles"] = {"total": len(plan.tiles), "skipped": skipped, "done": int(np.count_nonzero(done[:]))}
     group.attrs["fcnify"] = attrs
     log.info("wrote %s: scores %s %s, %d tiles computed, %d skipped, %.1f s (%.1f MP/s)", output,
-             tuple(scores.shape), dtype, len(pending), skipped, time.perf_counter() - start,
-             megapixels / max(seconds, 1e-9))
+             tuple(scores.shape), dtype, len(pending), skipped, time.perf_counter() - start, bar.rate)
     return scores
