@@ -214,8 +214,8 @@ def plan_predict(geo: Geometry, image_size: Pair, cells: Pair, minimum: Pair) ->
         >>> from fcnify._predict import plan_predict
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 5), torch.nn.MaxPool2d(2))
         >>> plan = plan_predict(fcnify.geometry(net, input_size=(32, 32)), (100, 40), (20, 20), (6, 6))
-        >>> plan.map_size, plan.grid, [(t.y0, t.y1, t.i0, t.i1) for t in plan.tiles[::2]]
-        ((48, 18), (3, 1), [(0, 43, 0, 20), (40, 83, 20, 40), (80, 100, 40, 48)])
+        >>> plan.map_size, plan.grid, [(t.y0, t.y1, t.i0, t.i1) for t in plan.tiles]
+        ((48, 18), (3, 1), [(0, 44, 0, 20), (40, 84, 20, 40), (80, 100, 40, 48)])
     """
     h_out, w_out = geo.output_size(*image_size)
     rows = _axis_segments(image_size[0], cells[0], geo, 0, h_out, minimum[0])
@@ -226,7 +226,8 @@ def plan_predict(geo: Geometry, image_size: Pair, cells: Pair, minimum: Pair) ->
 
 
 def _cells_for_tile(tile: int, geo: Geometry, dim: int, n_out: int) -> int:
-    """Cells per chunk such that no tile is larger than ``tile`` pixels (a stride less one of slack)."""
+    """Cells per chunk such that no tile is larger than ``tile`` pixels (a stride less one of slack),
+    spread evenly over the tiles that takes."""
     s, r = geo.stride[dim], geo.receptive_field[dim]
     cells = (tile - r + 1) // s
     if cells < 1:
@@ -234,7 +235,8 @@ def _cells_for_tile(tile: int, geo: Geometry, dim: int, n_out: int) -> int:
             f"a tile of {tile} pixels along {'yx'[dim]} holds no cell of this network: a tile needs a receptive "
             f"field ({r}) plus a stride ({s}) less one pixel. Hint: use tile={r + s - 1} or more, or a larger memory=."
         )
-    return min(cells, n_out)
+    cells = min(cells, n_out)
+    return -(-n_out // -(-n_out // cells))  # as many tiles, evened out: smaller tiles, same overlap
 
 
 # -- the model --------------------------------------------------------------------------------
