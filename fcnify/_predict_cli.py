@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FcnifyError(f"{args.model} records no training size. Hint: pass --input-size, e.g. --input-size 224.")
     fcn = convert(model, input_size=input_size, mode=args.mode, output_stride=args.output_stride)
     fcn.fcnify_name = args.model
-    classes: list[str] = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    classes: list[str] | None = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     result = predict(
         fcn, args.image, args.output, level=args.level, mpp=args.mpp, mask=args.mask, tile=args.tile,
         memory=args.memory, batch_size=args.batch_size, device=args.device, workers=args.workers,

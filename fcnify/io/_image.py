@@ -54,7 +54,7 @@ def pick_level(levels_mpp: Sequence[float | None], mpp: float, where: str) -> in
             f"{where} records no microns per pixel, so mpp={mpp} cannot pick a level. "
             "Hint: pass level=N instead (0 is full resolution)."
         )
-    errors = [abs(np.log(m / mpp)) for m in levels_mpp]  # type: ignore[arg-type]
+    errors = [abs(np.log(m / mpp)) if m else np.inf for m in levels_mpp]
     return int(np.argmin(errors))
 
 
