@@ -536,7 +536,9 @@ def _run_dask(client: Any, fcn: nn.Module, plan: PredictPlan, pending: list[int]
                           "Hint: save it (np.save('image.npy', array)) and pass the path.")
     input_size = _model_input_size(fcn)
     program_path = os.path.join(output, ".fcnify-model.pt2")  # next to the scores: workers see both
+    started = time.perf_counter()
     torch.export.save(export_program(fcn, input_size), program_path)
+    log.info("exported the model for the Dask workers in %.1f s: %s", time.perf_counter() - started, program_path)
     cols = plan.grid[1]
     items = [(k // cols, k % cols, plan.tiles[k]) for k in pending]
     with _dask_client(client) as dask:
@@ -666,6 +668,9 @@ def _predict_many(fcn: Any, pattern: str, output: str, **kwargs: Any) -> list[An
     stems = [os.path.splitext(os.path.basename(p.rstrip(os.sep)))[0] for p in paths]
     if len(set(stems)) != len(stems):
         raise FcnifyError(f"{pattern} matches files with the same name in different folders. Hint: one folder at a time.")
+    if isinstance(kwargs.get("client"), str):  # one cluster for all the images
+        with _dask_client(kwargs["client"]) as client:
+            return _predict_many(fcn, pattern, output, **{**kwargs, "client": client})
     results = []
     for k, (path, stem) in enumerate(zip(paths, stems)):
         store = os.path.join(output, stem + ".zarr")

@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     except FcnifyError as err:
         print(f"fcnify: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fcnify: interrupted; the tiles written are kept: run the same command with --resume to finish",
+              file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
