@@ -192,16 +192,16 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path, photo):
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
     full, killed = str(tmp_path / "full.zarr"), str(tmp_path / "killed.zarr")
-    subprocess.run([sys.executable, str(script), str(image), full, "new"], check=True, timeout=300)
+    fcnify.predict(small_net(), str(image), full, tile=120, progress=False)  # the uninterrupted run, here
     process = subprocess.Popen([sys.executable, str(script), str(image), killed, "new"])
     deadline = time.time() + 240
-    while _done_files(killed) < 8 and process.poll() is None and time.time() < deadline:
+    while _done_files(killed) < 5 and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     written = _done_files(killed)
     total = 6 * 8
-    assert 8 <= written < total, "the run should be killed part way"
+    assert 5 <= written < total, "the run should be killed part way"
     subprocess.run([sys.executable, str(script), str(image), killed, "resume"], check=True, timeout=300)
     a, b = zarr.open_group(full, mode="r"), zarr.open_group(killed, mode="r")
     np.testing.assert_array_equal(a["scores"][:], b["scores"][:])  # NaN-free, so equal means bit for bit
