@@ -107,6 +107,16 @@ def _check(args: argparse.Namespace) -> None:
         raise FcnifyError(f"mask file not found: {args.mask}. Hint: --mask otsu, or an existing mask file.")
     if not is_glob and os.path.exists(args.output) and not (args.force or args.resume):
         raise FcnifyError(f"{args.output} already exists. Hint: --force to overwrite it, --resume to finish it.")
+    if not is_glob:  # readable, and the level or mpp exists: say so before the slow conversion
+        from .io import open_image
+
+        logger = logging.getLogger("fcnify")
+        level, logger.level = logger.level, logging.WARNING  # predict says which level it reads
+        try:
+            with open_image(args.image, level=args.level, mpp=args.mpp, reader=args.reader):
+                pass
+        finally:
+            logger.setLevel(level)
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise FcnifyError(f"cannot write {args.output}: folder {folder} does not exist. Hint: create it first.")
