@@ -7,7 +7,8 @@ The package is layered; each layer imports only the ones below it (``lint-import
   ``fcnify.verification`` -- the one comparison rule and its tolerances;
 * ``fcnify.conversion`` -- trace, find the head, rewrite it with the rules, output stride;
 * ``fcnify.export`` -- ONNX and ``.pt2``; ``fcnify.inference`` -- tiling, padding, heatmaps,
-  segmentation, head resizing; ``fcnify.models`` -- loading classifiers by name;
+  segmentation, head resizing, gigapixel prediction; ``fcnify.models`` -- loading classifiers by name;
+* ``fcnify.io`` -- slides, scenes and images read lazily; class maps written as TIFF, GeoTIFF, GeoJSON;
 * ``fcnify.cli`` -- the ``fcnify`` command.
 
 Users import from ``fcnify`` only. The names are loaded on first use, so that ``fcnify --help``
@@ -63,6 +64,9 @@ _LAZY = {
     "HeatmapResult": "inference",
     "render_heatmap": "inference",
     "class_names": "inference",
+    "predict": "inference",
+    "open_image": "io",
+    "write_output": "io",
     "load_model": "models",
     "load_lite0": "models",
 }
@@ -103,6 +107,9 @@ __all__ = [
     "class_names",
     "load_model",
     "load_lite0",
+    "open_image",
+    "predict",
+    "write_output",
 ]
 
 

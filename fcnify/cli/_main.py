@@ -14,12 +14,12 @@ import sys
 from typing import List, Optional
 
 from .._errors import FcnifyError
-from . import convert, demo, export, heatmap, zoo
+from . import convert, demo, export, heatmap, predict, zoo
 
 __all__ = ["main"]
 
 #: The commands, in the order ``fcnify --help`` lists them.
-COMMANDS = {"convert": convert, "export": export, "zoo": zoo, "heatmap": heatmap, "demo": demo}
+COMMANDS = {"convert": convert, "export": export, "predict": predict, "heatmap": heatmap, "zoo": zoo, "demo": demo}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -105,8 +105,8 @@ def cell_check(
     for i, j in _cells(cells):
         args = []
         for value, axes, extent in windows:
-            for d, start, e in zip(axes, (i, j), extent):
-                value = value.narrow(d, start, e)
+            for axis, start, length in zip(axes, (i, j), extent):
+                value = value.narrow(int(axis), start, int(length))
             args.append(value)
         try:
             with torch.no_grad():

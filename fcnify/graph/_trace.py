@@ -235,6 +235,7 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.shapes: Dict[fx.Node, Any] = {}
         self.values: Dict[fx.Node, Any] = {}
+        self.keep: set = set()
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n

@@ -4,20 +4,25 @@
 * ``_padded`` -- :func:`predict_padded`, any size by padding to the next valid one;
 * ``_heatmap`` -- :func:`heatmap` and :func:`render_heatmap`, class maps on the image's pixels;
 * ``_segment`` -- :func:`segmenter`, FCN-32s/16s/8s segmentation networks;
-* ``_resize`` -- :func:`resize_head`, a flatten-Linear head moved to another input size.
+* ``_resize`` -- :func:`resize_head`, a flatten-Linear head moved to another input size;
+* ``_predict`` -- :func:`predict`, a slide or scene into a Zarr store, tiled, resumable, on Dask.
 """
 
 from ._heatmap import HeatmapResult, class_names, heatmap, render_heatmap, resolve_normalization
 from ._padded import predict_padded
+from ._predict import PredictPlan, parse_memory, plan_predict, predict
 from ._resize import RESIZE_METHODS, resize_head
 from ._segment import Segmenter, bilinear_kernel, segmenter
-from ._tiled import Tile, open_image, plan_tiles, predict_tiled
+from ._tiled import Tile, plan_tiles, predict_tiled
 
 __all__ = [
+    "predict",
+    "plan_predict",
+    "PredictPlan",
+    "parse_memory",
     "predict_tiled",
     "plan_tiles",
     "Tile",
-    "open_image",
     "predict_padded",
     "heatmap",
     "HeatmapResult",

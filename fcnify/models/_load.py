@@ -95,7 +95,7 @@ def load_model(
         size = tuple(cfg["input_size"][1:])
     if size is not None:
         model.fcnify_input_size = tuple(size)
-    return model.eval(), size
+    return model.eval(), size  # type: ignore[return-value]
 
 
 def _is_path(name: str) -> bool:

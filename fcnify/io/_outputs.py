@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ._errors import FcnifyError
+from .._errors import FcnifyError
 
 __all__ = ["OutputError", "write_output", "write_tiff", "write_geotiff", "write_geojson", "FORMATS"]
 
