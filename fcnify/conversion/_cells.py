@@ -74,7 +74,8 @@ def cell_check(
         the number of cells, a head that does not run on a window).
     """
     module, inputs = head_module(gm, head)
-    windows, cells = [], None
+    windows: List[Tuple[torch.Tensor, Tuple[int, ...], Tuple[int, ...]]] = []
+    cells: Optional[Tuple[int, ...]] = None
     for node, value in zip(inputs, body_values):
         if not isinstance(value, torch.Tensor):
             return None
