@@ -26,7 +26,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch, torchvision, fcnify
-from fcnify.zoo import calibrate_batchnorm
+from fcnify.models import calibrate_batchnorm
 
 root, path, variant, memory, threads, n_dask, out = sys.argv[1:8]
 torch.set_num_threads(int(threads))

@@ -40,7 +40,7 @@ import torchvision
 from torch import nn
 
 import fcnify
-from fcnify.tiled import plan_tiles
+from fcnify.inference import plan_tiles
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402

@@ -1,4 +1,4 @@
-"""Class map outputs (fcnify._outputs): TIFF, GeoTIFF, GeoJSON from a Zarr store, read back with real readers.
+"""Class map outputs (fcnify.io._outputs): TIFF, GeoTIFF, GeoJSON from a Zarr store, read back with real readers.
 
 The stores are written here with zarr, in the layout ``fcnify.predict`` writes: an array ``scores``
 (K, h, w) and the group attribute ``"fcnify"`` (stride, offset of cell (0, 0)'s centre, classes, ...).
@@ -18,7 +18,7 @@ rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402  (rasterio's dependency)
 
 from fcnify import FcnifyError  # noqa: E402
-from fcnify._outputs import OutputError, write_geojson, write_geotiff, write_output, write_tiff  # noqa: E402
+from fcnify.io._outputs import OutputError, write_geojson, write_geotiff, write_output, write_tiff  # noqa: E402
 
 
 def make_store(
@@ -362,7 +362,7 @@ def test_write_output_refusals(tmp_path):
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     store = make_store(tmp_path / "map.zarr", random_scores(1, 8, 8, holes=False))
     (tmp_path / "old.tif").write_bytes(b"the user's file")
-    import fcnify._outputs as outputs
+    import fcnify.io._outputs as outputs
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -376,7 +376,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 
 def test_writers_read_the_store_window_by_window(tmp_path, monkeypatch):
     """No writer reads the whole score array at once: every read is at most one 1024-cell window."""
-    import fcnify._outputs as outputs
+    import fcnify.io._outputs as outputs
 
     y, x = np.mgrid[:1100, :1300]
     smooth = (np.sin(x / 60) * np.cos(y / 80)).astype(np.float32)  # blobs, not cell-sized noise

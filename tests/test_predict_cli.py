@@ -44,6 +44,7 @@ def test_predict_writes_the_store(files, tmp_path, capsys):
         [
             "predict",
             str(folder / "net.pt"),
+            "--trust-pickle",
             str(folder / "a.npy"),
             "-o",
             str(out),
@@ -71,6 +72,8 @@ def test_predict_writes_the_store(files, tmp_path, capsys):
             [
                 "predict",
                 str(folder / "net.pt"),
+                "--trust-pickle",
+                "--trust-pickle",
                 str(folder / "a.npy"),
                 "-o",
                 str(out),
@@ -97,6 +100,7 @@ def test_glob_writes_one_store_per_image(files, tmp_path, capsys):
         [
             "predict",
             str(folder / "net.pt"),
+            "--trust-pickle",
             str(folder / "*.npy"),
             "-o",
             str(tmp_path / "maps"),
@@ -137,7 +141,9 @@ def test_user_mistakes_are_one_line_and_exit_2(files, tmp_path, capsys, extra, m
             out = str(tmp_path / item[4:])
         else:
             flags.append(item)
-    code = main(["predict", str(folder / "net.pt"), image, "-o", out, "--input-size", "32", "--quiet", *flags])
+    code = main(
+        ["predict", str(folder / "net.pt"), "--trust-pickle", image, "-o", out, "--input-size", "32", "--quiet", *flags]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and "Hint:" in err and "Traceback" not in err

@@ -214,7 +214,7 @@ def plan_predict(geo: Geometry, image_size: Pair, cells: Pair, minimum: Pair) ->
 
     Example:
         >>> import torch, fcnify
-        >>> from fcnify._predict import plan_predict
+        >>> from fcnify.inference import plan_predict
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 5), torch.nn.MaxPool2d(2))
         >>> plan = plan_predict(fcnify.geometry(net, input_size=(32, 32)), (100, 40), (20, 20), (6, 6))
         >>> plan.map_size, plan.grid, [(t.y0, t.y1, t.i0, t.i1) for t in plan.tiles]

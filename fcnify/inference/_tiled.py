@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import mmap
 import os
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -24,6 +23,7 @@ from .._errors import FcnifyError, UnsupportedModelError
 from ..analysis import Geometry, geometry
 from ..conversion import FullyConvolutionalNet
 from ..graph import device_and_dtype, eval_mode
+from ..io._readers import _release as release_pages
 from ._batch import as_device, input_channels
 
 __all__ = ["predict_tiled", "plan_tiles", "Tile", "open_image"]
@@ -132,22 +132,11 @@ class _Source:
         if self.layout == "nchw":
             return self.data[:, :, y0:y1, x0:x1]
         window = np.array(self.data[y0:y1, x0:x1], copy=True)
-        _release(self.data)
+        release_pages(self.data)
         tensor = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)
         if window.dtype == np.uint8:
             tensor = tensor.float() / 255.0
         return tensor
-
-
-def _release(array: np.ndarray) -> None:
-    """Let the kernel drop the pages of a memory-mapped image already read (they are re-read if needed),
-    so that resident memory does not grow with the image."""
-    handle = getattr(array, "_mmap", None)
-    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            handle.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):  # pragma: no cover - best effort
-            pass
 
 
 def open_image(path: Union[str, os.PathLike]) -> Union[np.ndarray, torch.Tensor]:

@@ -21,6 +21,7 @@ that reading gives more than 4 channels and the other one does not; ``.layout`` 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -224,10 +225,14 @@ def _array_level(array: Any, downsample: float = 1.0) -> Level:
 
 
 def _release(array: Any) -> None:
-    from ..tiled import _release as release  # drop pages of a memmap already read
-
-    if isinstance(array, np.memmap) or getattr(array, "_mmap", None) is not None:
-        release(array)
+    """Let the kernel drop the pages of a memory-mapped image already read (they are re-read if
+    needed), so that resident memory does not grow with the image."""
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            handle.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - best effort
+            pass
 
 
 def _open_object(source: Any, level: int, mpp: float | None) -> LazyImage:
