@@ -121,6 +121,7 @@ def _interior(gm: fx.GraphModule, node: fx.Node, op: Union[_Window, _Pad]) -> Op
         module = gm.get_submodule(node.target)
         if type(module).forward is nn.Conv2d.forward:
             mode = module.padding_mode
+            weights: Dict[torch.memory_format, torch.Tensor] = {}  # the weight in the bands' memory format
 
             def conv(x: torch.Tensor, call: Callable) -> torch.Tensor:
                 if mode != "zeros" or left != right:
@@ -128,7 +129,10 @@ def _interior(gm: fx.GraphModule, node: fx.Node, op: Union[_Window, _Pad]) -> Op
                     pad: Pair = (0, 0)
                 else:
                     pad = (0, left)
-                return F.conv2d(x, module.weight, module.bias, module.stride, pad, module.dilation, module.groups)
+                layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                if layout not in weights:
+                    weights[layout] = module.weight.detach().contiguous(memory_format=layout)
+                return F.conv2d(x, weights[layout], module.bias, module.stride, pad, module.dilation, module.groups)
 
             return conv
         if type(module).forward is nn.MaxPool2d.forward and not module.return_indices:
@@ -365,7 +369,7 @@ class RowStreamer:
         env: Dict[fx.Node, Any] = self._constants
         for i, item in enumerate(plan.nodes):
             if item.kind == "input":
-                values[i] = rows if rows.shape[2] > 0 else None
+                values[i] = rows.contiguous(memory_format=torch.channels_last) if rows.shape[2] > 0 else None
             elif item.kind == "constant":
                 if item.node not in env:
                     env[item.node] = self._run(item.node, env)
