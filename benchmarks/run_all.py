@@ -41,6 +41,10 @@ BENCHMARKS = [
      "`fcnify.predict_tiled` against whole-image inference at 4096 and 8192 pixels square: peak memory "
      "and throughput",
      ["--model", "small", "--sizes", "1024", "--tile", "512"]),
+    ("streaming", "streaming.py",
+     "row streaming against whole-image inference and `predict_tiled` on resnet18 at 2048 to 8192 pixels square: "
+     "throughput and peak memory",
+     ["--sizes", "1024", "--bands", "128", "--tiles", "--memory", ""]),
     ("conversion_time", "conversion_time.py",
      "how long `fcnify.convert` takes (trace, rewrite, verify)",
      ["--models", "resnet18", "--repeat", "1", "--no-stride"]),
@@ -124,6 +128,7 @@ TITLES = {
                                "finer-maps-output_stride-vs-shift-and-stitch-benchmarksstride_vs_shift_stitchpy"),
     "overhead": ("Overhead at the training size", "overhead-at-the-training-size-benchmarksoverheadpy"),
     "tiled": ("Tiled inference", "tiled-inference-on-huge-images-benchmarkstiled_memorypy"),
+    "streaming": ("Row streaming", "row-streaming-vs-whole-image-benchmarksstreamingpy"),
     "conversion_time": ("Conversion time", "conversion-time-benchmarksconversion_timepy"),
     "onnx_vs_eager": ("ONNX Runtime vs eager", "onnx-runtime-vs-pytorch-eager-benchmarksonnx_vs_eagerpy"),
     "testtimepool": ("timm's TestTimePoolHead", "timms-testtimepoolhead-vs-fcnify-benchmarkstesttimepoolpy"),

@@ -10,7 +10,11 @@ configurations run in this order: whole image, streaming at each band height, st
 to ``--whole-up-to``. Outputs are compared with the whole-image output where it exists.
 
     python benchmarks/streaming.py                       # 2048 and 4096: everything; 8192: streaming only
-    python benchmarks/streaming.py --sizes 1024 --bands 64 --tiles 512 --no-write   # a smoke test
+    python benchmarks/streaming.py --sizes 1024 --bands 64 --tiles --no-write   # a smoke test
+    python benchmarks/streaming.py --render              # re-render the docs from docs/streaming.json
+
+The numbers go to docs/streaming.json; the table in docs/streaming.md and the section of
+docs/benchmarks.md are rendered from it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import _common as common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.normpath(os.path.join(HERE, "..", "docs", "streaming.md"))
+DATA = os.path.normpath(os.path.join(HERE, "..", "docs", "streaming.json"))  # the numbers the tables are rendered from
 
 CHILD = r"""
 import json, resource, sys, time
@@ -95,12 +100,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="square image sizes")
     parser.add_argument("--bands", type=int, nargs="+", default=[64, 128, 256], help="streaming band heights")
     parser.add_argument("--memory", default="1GB", help="also stream with this memory= budget ('' to skip)")
-    parser.add_argument("--tiles", type=int, nargs="+", default=[1024, 2048], help="predict_tiled tile sizes")
+    parser.add_argument("--tiles", type=int, nargs="*", default=[1024, 2048], help="predict_tiled tile sizes")
     parser.add_argument("--whole-up-to", type=int, default=4096, help="largest size to also run whole (memory!)")
     parser.add_argument("--large-bands", type=int, nargs="+", default=[128],
                         help="band heights above --whole-up-to (default 128: each 8192 run takes minutes)")
+    parser.add_argument("--render", action="store_true", help="only re-render the docs from docs/streaming.json")
     common.add_common_arguments(parser, threads_default=1)
     args = parser.parse_args(argv)
+    if args.render:
+        with open(DATA) as f:
+            data = json.load(f)
+        write(data["env"], render(data["rows"]), data["command"])
+        return 0
     common.setup(args)
     if args.device != "cpu":
         sys.exit("streaming.py measures the CPU only")
@@ -135,7 +146,10 @@ def main(argv=None) -> int:
         "per configuration, each in a fresh process"])
     print("\n".join(env + [""] + table))
     if not args.no_write:
-        write(env, table, common.command("streaming.py", argv))
+        command = common.command("streaming.py", argv)
+        with open(DATA, "w") as f:
+            json.dump({"command": command, "env": env, "rows": rows}, f, indent=1)
+        write(env, table, command)
     return 0
 
 
@@ -162,16 +176,18 @@ def render(rows):
 
 
 def write(env, table, command):
-    text = open(DOC).read() if os.path.exists(DOC) else ""
-    start, end = common.markers("streaming_table")
-    body = "\n".join([start, f"From one run of `{command}`:", "", *common.bullets(env), "", *table, end])
-    if start in text and end in text:
-        text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "# Row streaming\n\n") + body + "\n"
-    with open(DOC, "w") as f:
-        f.write(text)
-    print(f"wrote the table of {DOC}")
+    lines = [f"From one run of `{command}`:", "", *common.bullets(env), "", *table]
+    common.write_section("streaming_table", lines, doc=DOC)
+    common.write_section("streaming", [
+        "## Row streaming vs whole image (`benchmarks/streaming.py`)",
+        "",
+        "`fcnify._stream.stream_predict` runs the network on bands of full-width rows, each layer keeping",
+        "only the rows its next windows need, so nothing is computed twice; `predict_tiled` recomputes",
+        "the overlap of its tiles. What the columns mean, and the projection to larger images:",
+        "[docs/streaming.md](streaming.md).",
+        "",
+        *lines,
+    ])
 
 
 if __name__ == "__main__":
