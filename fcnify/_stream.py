@@ -696,11 +696,11 @@ def stream_bands(
         >>> bool(np.allclose(z[:], net(torch.ones(1, 3, 100, 80))[0].detach().numpy(), atol=1e-6))
         True
     """
-    return _bands(fcn, image, band_rows, memory, size, device, preprocess)[1]
+    return _bands(fcn, image, band_rows, memory, size, device, preprocess, whole_output=False)[1]
 
 
 def _bands(fcn: fx.GraphModule, image: Any, band_rows: Optional[int], memory: Union[int, float, str, None],
-           size: Optional[Sequence[int]], device: Any, preprocess: Optional[Callable]
+           size: Optional[Sequence[int]], device: Any, preprocess: Optional[Callable], whole_output: bool
            ) -> Tuple[RowStreamer, Iterator[Tuple[int, torch.Tensor]]]:
     read, (batch, height, width) = _reader(image, size)
     param = next(iter(fcn.parameters()), None)
@@ -708,7 +708,8 @@ def _bands(fcn: fx.GraphModule, image: Any, band_rows: Optional[int], memory: Un
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     streamer = RowStreamer(fcn, (height, width))
     if band_rows is None:
-        band_rows = band_rows_for(fcn, (height, width), memory if memory is not None else "1GB", batch=batch)
+        band_rows = band_rows_for(fcn, (height, width), memory if memory is not None else "1GB", batch=batch,
+                                  whole_output=whole_output)
     band_rows = int(band_rows)
     if band_rows < 1:
         raise FcnifyError(f"band_rows must be at least 1, got {band_rows}. Hint: band_rows=128.")
@@ -767,7 +768,7 @@ def stream_predict(
         >>> torch.allclose(y, net(x), atol=1e-5)
         True
     """
-    streamer, bands = _bands(fcn, image, band_rows, memory, size, device, None)
+    streamer, bands = _bands(fcn, image, band_rows, memory, size, device, None, whole_output=True)
     out: Optional[torch.Tensor] = None
     for i0, band in bands:
         if out is None:
