@@ -751,7 +751,9 @@ def stream_predict(
         fcn: a fully convolutional network from :func:`fcnify.convert`, on ``device``.
         image: as for :func:`stream_bands`.
         band_rows: input rows per band; default from ``memory``.
-        memory: working-memory budget (bytes or ``"2GB"``), default ``"1GB"``.
+        memory: working-memory budget (bytes or ``"2GB"``) for the bands' activations, the rows the
+            layers keep and the output map; default ``"1GB"``. The process's own memory (Python,
+            torch, the weights) is not counted.
         device: where the bands run; default the model's. The result is on the CPU.
         size: ``(H, W)`` for a reader callable.
 
