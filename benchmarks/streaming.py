@@ -53,8 +53,10 @@ if how.startswith("stream"):  # the probe (once per network) and a warm-up on a 
         extra["band_rows"] = band_rows_for(fcn, image.shape[:2], param, whole_output=True)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-if how == "whole":
+if how in ("whole", "whole_cl"):
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255)
+    if how == "whole_cl":  # the layout streaming runs in
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         out = fcn(x)
 elif how == "stream":
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--whole-up-to", type=int, default=4096, help="largest size to also run whole (memory!)")
     parser.add_argument("--large-bands", type=int, nargs="+", default=[128],
                         help="band heights above --whole-up-to (default 128: each 8192 run takes minutes)")
+    parser.add_argument("--whole-channels-last", action="store_true",
+                        help="also run the whole image in channels-last memory, the layout streaming uses")
     parser.add_argument("--render", action="store_true", help="only re-render the docs from docs/streaming.json")
     common.add_common_arguments(parser, threads_default=1)
     args = parser.parse_args(argv)
@@ -124,6 +128,7 @@ def main(argv=None) -> int:
             make_image(path, size)
             small = size <= args.whole_up_to
             configs = [("whole", "-")] if small else []
+            configs += [("whole_cl", "-")] if small and args.whole_channels_last else []
             configs += [("stream", str(b)) for b in (args.bands if small else args.large_bands)]
             configs += [("stream_memory", args.memory)] if args.memory else []
             configs += [("tiled", str(t)) for t in args.tiles if t < size] if small else []
@@ -160,7 +165,7 @@ def render(rows):
     table = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         size = r["size"]
-        label = {"whole": "whole image", "stream": f"stream, band {r['param']}",
+        label = {"whole": "whole image", "whole_cl": "whole image, channels-last", "stream": f"stream, band {r['param']}",
                  "stream_memory": f"stream, memory={r['param']} (band {r.get('band_rows', '?')})",
                  "tiled": f"predict_tiled, tile {r['param']}"}[r["how"]]
         if "error" in r:
