@@ -620,7 +620,7 @@ def band_rows_for(fcn: fx.GraphModule, image_size: Sequence[int], memory: Union[
     if whole_output:
         cells = geometry(fcn, _run_size(fcn, image_size)[1:]).output_size(height, width)
         fixed += cells[0] * cells[1] * probe.out_channels * 4 * batch
-    per_row = 1.5 * probe.band_bytes * width * batch  # 1.5: the convolutions' own workspace
+    per_row = 2.0 * probe.band_bytes * width * batch  # 2: the allocator's slack and the convolutions' workspace
     rows = int((budget - fixed) // max(per_row, 1.0))
     rows = rows // probe.stride * probe.stride
     return max(probe.stride, min(rows, -(-height // probe.stride) * probe.stride))
