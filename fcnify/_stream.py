@@ -51,7 +51,6 @@ from .tiled import _eval, _Source
 __all__ = ["RowStreamer", "band_rows_for", "stream_bands", "stream_predict"]
 
 Pair = Tuple[int, int]
-Reader = Callable[[int, int, int, int], Any]
 
 
 # -- the plan: one small program per node ---------------------------------------------------------
@@ -679,8 +678,10 @@ def stream_bands(
         device: where the bands run (the model must be there already); default the model's.
         preprocess: a per-pixel function applied to each band (e.g. mean/std normalisation).
 
-    Yields:
-        ``(i0, band)``: output rows ``i0 .. i0 + band.shape[2]`` as an ``(N, K, rows, w)`` CPU tensor.
+    Returns:
+        An iterator of ``(i0, band)``: output rows ``i0 .. i0 + band.shape[2]`` as an
+        ``(N, K, rows, w)`` CPU tensor, top to bottom. The arguments are checked (and the network
+        probed) before it is returned.
 
     Raises:
         UnsupportedModelError: the network has a node that is not row-local (named).
