@@ -568,7 +568,7 @@ def _probe(fcn: fx.GraphModule, image_size: Sequence[int]) -> _Probe:
                if item.kind != "constant" and isinstance(whole[item.node], torch.Tensor)}
     largest = sorted(per_row.values(), reverse=True)
     buffers = 0.0
-    for i, item in enumerate(plan.nodes):
+    for item in plan.nodes:
         if item.kind == "window":
             j = item.spatial[0]
             rows = whole[plan.nodes[j].node].shape[2]
