@@ -54,6 +54,13 @@ BENCHMARKS = [
         ["--model", "small", "--sizes", "1024", "--tile", "512"],
     ),
     (
+        "streaming",
+        "streaming.py",
+        "row streaming against whole-image inference and `predict_tiled` on resnet18 at 2048 to 8192 pixels "
+        "square: throughput and peak memory",
+        ["--sizes", "1024", "--bands", "128", "--tiles", "--memory", ""],
+    ),
+    (
         "conversion_time",
         "conversion_time.py",
         "how long `fcnify.convert` takes (trace, rewrite, verify)",
@@ -170,6 +177,7 @@ TITLES = {
     ),
     "overhead": ("Overhead at the training size", "overhead-at-the-training-size-benchmarksoverheadpy"),
     "tiled": ("Tiled inference", "tiled-inference-on-huge-images-benchmarkstiled_memorypy"),
+    "streaming": ("Row streaming", "row-streaming-vs-whole-image-benchmarksstreamingpy"),
     "conversion_time": ("Conversion time", "conversion-time-benchmarksconversion_timepy"),
     "onnx_vs_eager": ("ONNX Runtime vs eager", "onnx-runtime-vs-pytorch-eager-benchmarksonnx_vs_eagerpy"),
     "testtimepool": ("timm's TestTimePoolHead", "timms-testtimepoolhead-vs-fcnify-benchmarkstesttimepoolpy"),

@@ -65,6 +65,7 @@ _LAZY = {
     "render_heatmap": "inference",
     "class_names": "inference",
     "predict": "inference",
+    "stream_predict": "inference",
     "open_image": "io",
     "write_output": "io",
     "load_model": "models",
@@ -109,6 +110,7 @@ __all__ = [
     "load_lite0",
     "open_image",
     "predict",
+    "stream_predict",
     "write_output",
 ]
 

@@ -5,6 +5,7 @@
 * ``_heatmap`` -- :func:`heatmap` and :func:`render_heatmap`, class maps on the image's pixels;
 * ``_segment`` -- :func:`segmenter`, FCN-32s/16s/8s segmentation networks;
 * ``_resize`` -- :func:`resize_head`, a flatten-Linear head moved to another input size;
+* ``_stream`` -- :func:`stream_predict`, bands of rows through the network, no overlap computed twice;
 * ``_predict`` -- :func:`predict`, a slide or scene into a Zarr store, tiled, resumable, on Dask.
 """
 
@@ -13,6 +14,7 @@ from ._padded import predict_padded
 from ._predict import PredictPlan, parse_memory, plan_predict, predict
 from ._resize import RESIZE_METHODS, resize_head
 from ._segment import Segmenter, bilinear_kernel, segmenter
+from ._stream import RowStreamer, band_rows_for, stream_bands, stream_predict
 from ._tiled import Tile, plan_tiles, predict_tiled
 
 __all__ = [
@@ -21,6 +23,10 @@ __all__ = [
     "PredictPlan",
     "parse_memory",
     "predict_tiled",
+    "stream_predict",
+    "stream_bands",
+    "RowStreamer",
+    "band_rows_for",
     "plan_tiles",
     "Tile",
     "predict_padded",
