@@ -652,7 +652,7 @@ def predict(
 
     Returns:
         The ``scores`` array ``(K, h, w)`` of the store (``zarr.Array``); a list of them for a glob.
-        The store's attributes (module docstring of ``fcnify._predict``) place every cell on the
+        The store's attributes (module docstring of ``fcnify.inference._predict``) place every cell on the
         level-0 image.
 
     Raises:

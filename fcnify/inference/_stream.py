@@ -323,7 +323,7 @@ class RowStreamer:
 
     Example:
         >>> import torch
-        >>> from fcnify._stream import RowStreamer
+        >>> from fcnify.inference import RowStreamer
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.MaxPool2d(2))
         >>> x = torch.randn(1, 3, 50, 40)
         >>> streamer = RowStreamer(torch.fx.symbolic_trace(net), (50, 40))
@@ -742,7 +742,7 @@ def stream_bands(
 
     Example:
         >>> import numpy as np, torch, zarr
-        >>> from fcnify._stream import stream_bands
+        >>> from fcnify.inference import stream_bands
         >>> net = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, 2, 1), torch.nn.ReLU()))
         >>> read = lambda y0, x0, h, w: np.ones((h, w, 3), np.float32)  # a lazy reader
         >>> z = zarr.create_array(store={}, shape=(2, 50, 40), chunks=(2, 8, 40), dtype="f4")
@@ -827,7 +827,7 @@ def stream_predict(
 
     Example:
         >>> import torch
-        >>> from fcnify._stream import stream_predict
+        >>> from fcnify.inference import stream_predict
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, padding=2), torch.nn.MaxPool2d(3, 2, 1),
         ...                           torch.nn.Conv2d(4, 2, 3))
         >>> x = torch.randn(1, 3, 101, 64)
