@@ -6,6 +6,7 @@ Each test stands for a class of failure found by trying hostile models and input
 import copy
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -279,3 +280,43 @@ def test_a_pruned_model_converts_exactly():
     with torch.no_grad():
         torch.testing.assert_close(fcn(x)[..., 0, 0], model(x))
     assert hasattr(model[0], "weight_orig")  # the user's pruning is left in place
+
+
+# -- the command line: outputs checked before the work, inputs never replaced -----------------
+
+
+def test_cli_refuses_an_existing_output_without_force_and_never_writes_over_an_input(tmp_path, capsys, monkeypatch):
+    from fcnify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.pt2").write_bytes(b"an older conversion")
+    assert main(["convert", "resnet18", "--input-size", "32", "-o", "r.pt2"]) == 1
+    err = capsys.readouterr().err
+    assert "r.pt2 exists. Hint: pass --force" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "r.pt2").read_bytes() == b"an older conversion"
+    assert main(["convert", "resnet18", "--input-size", "32", "-o", "r.pt2", "--force"]) == 0
+    assert "random weights" in capsys.readouterr().err  # said on every command that runs random weights
+    assert main(["convert", "r.pt2", "--input-size", "32", "-o", "r.pt2", "--force"]) == 1
+    assert "refusing to write the converted model over the input r.pt2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("folder", "is a folder"),
+        ("x.xyz", "must end in .png"),
+        ("missing/x.png", "does not exist"),
+        ("photo.png", "over the input photo.png"),
+    ],
+)
+def test_cli_heatmap_output_mistakes_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, output, message):
+    from PIL import Image
+
+    from fcnify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "photo.png")
+    assert main(["heatmap", "resnet18", "photo.png", "-o", output, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err

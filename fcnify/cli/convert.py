@@ -6,7 +6,15 @@ import argparse
 import os
 from typing import Any
 
-from ._args import add_model_arguments, check_folder, default_output, load_from_args, write_onnx
+from ._args import (
+    add_force_argument,
+    add_model_arguments,
+    check_output_path,
+    default_output,
+    load_from_args,
+    note_random_weights,
+    write_onnx,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -27,6 +35,7 @@ def add_parser(sub: Any) -> None:
         help="where to save: .pt2 (torch.export) or .onnx (validated in ONNX Runtime); default: ./MODEL-fcn.pt2",
     )
     parser.add_argument("--no-save", action="store_true", help="convert and verify only")
+    add_force_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export import save
 
     if not args.no_save:
-        check_folder(args.output or default_output(args.model))
+        check_output_path(args.output or default_output(args.model), args, (".pt2", ".onnx"), "converted model")
+    note_random_weights(args)
     model, input_size = load_from_args(args)
     fcn = convert(model, input_size=input_size, mode=args.mode)
     report = fcn.conversion_report

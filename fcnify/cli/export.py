@@ -7,7 +7,15 @@ import os
 from typing import Any
 
 from .._errors import FcnifyError
-from ._args import add_model_arguments, check_folder, default_output, load_from_args, write_onnx
+from ._args import (
+    add_force_argument,
+    add_model_arguments,
+    check_output_path,
+    default_output,
+    load_from_args,
+    note_random_weights,
+    write_onnx,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -27,6 +35,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--simplify", action="store_true", help="simplify with onnxslim (installed separately), then validate again"
     )
+    add_force_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             f"fcnify export writes ONNX, but {path} does not end in .onnx. "
             "Hint: use -o model.onnx, or fcnify convert -o model.pt2 for a torch.export program."
         )
-    check_folder(path)
+    check_output_path(path, args, (".onnx",), "ONNX file")
+    note_random_weights(args)
     model, input_size = load_from_args(args)
     fcn = convert(model, input_size=input_size, mode=args.mode)
     report = fcn.conversion_report

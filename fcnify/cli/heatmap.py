@@ -8,7 +8,14 @@ from typing import Any
 
 from .._errors import FcnifyError
 from .._mode import Mode
-from ._args import add_model_arguments, load_from_args, parse_size
+from ._args import (
+    add_force_argument,
+    add_model_arguments,
+    check_output_path,
+    load_from_args,
+    note_random_weights,
+    parse_size,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -34,6 +41,7 @@ def add_parser(sub: Any) -> None:
         "--top", type=int, default=3, metavar="K", help="how many classes when --class is not given (default 3)"
     )
     heat.add_argument("-o", "--output", metavar="PNG", help="where to write the picture; default: IMAGE-heatmap.png")
+    add_force_argument(heat)
     heat.add_argument("--output-stride", type=int, metavar="S", help="a finer map, e.g. 16 or 8 (default: native)")
     heat.add_argument(
         "--tile",
@@ -59,12 +67,15 @@ def _normalization(model: Any, name: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ..conversion import convert
     from ..inference import heatmap, render_heatmap
-    from ..inference._heatmap import MAX_PANELS
+    from ..inference._heatmap import MAX_PANELS, PICTURE_ENDINGS
 
     if not 1 <= args.top <= MAX_PANELS:
         raise FcnifyError(f"--top must be from 1 to {MAX_PANELS} (one panel per class), got {args.top}. Hint: --top 3.")
     if not os.path.isfile(args.image):
         raise FcnifyError(f"image file not found: {args.image}. Hint: check the path.")
+    path = args.output or os.path.splitext(os.path.basename(args.image))[0] + "-heatmap.png"
+    check_output_path(path, args, PICTURE_ENDINGS, "picture")
+    note_random_weights(args)
     model, input_size = load_from_args(args)
     fcn = convert(model, input_size=input_size, mode=args.mode, output_stride=args.output_stride)
     result = heatmap(
@@ -76,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         tile=args.tile,
         progress=True,
     )
-    path = args.output or os.path.splitext(os.path.basename(args.image))[0] + "-heatmap.png"
     render_heatmap(result, path)
     geo = result.geometry
     h, w = result.cells.shape[1:]
