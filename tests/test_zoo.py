@@ -48,7 +48,7 @@ def _params(names, skip):
 
 def _compare(model, traced, mode, fcn):
     """Check fcnify's verdict independently: run both models here at the training size."""
-    x = torch.randn(1, *traced.size)
+    x = torch.randn(1, *traced.input_size)
     with torch.no_grad():
         ref = model(x)
         out = fcn(x)
