@@ -69,7 +69,7 @@ from .._errors import FcnifyError
 from ..analysis import Geometry, geometry
 from ..graph import eval_mode as _eval
 from ..io import LazyImage, load_mask, open_image
-from ._tiled import Tile, _check_translation_invariant
+from ._tiled import Tile, _check_translation_invariant, _groups
 
 __all__ = ["PredictPlan", "parse_memory", "plan_predict", "predict"]
 
@@ -432,18 +432,6 @@ def _cells(result: torch.Tensor, tiles: Sequence[Tile], job: _Job) -> Iterator[t
         yield t, part.float().cpu().numpy().astype(job.dtype, copy=False)
 
 
-def _batches(tiles: Sequence[Tile], batch_size: int) -> Iterator[list[Tile]]:
-    group: list[Tile] = []
-    for t in tiles:
-        shape = (t.y1 - t.y0, t.x1 - t.x0)
-        if group and (len(group) >= batch_size or (group[0].y1 - group[0].y0, group[0].x1 - group[0].x0) != shape):
-            yield group
-            group = []
-        group.append(t)
-    if group:
-        yield group
-
-
 def _write(scores: Any, done: Any, t: Tile, index: Pair, block: np.ndarray) -> None:
     scores[:, t.i0 : t.i1, t.j0 : t.j1] = block
     done[index[0], index[1]] = 1  # after the scores: a flag means the chunk is complete
@@ -468,7 +456,7 @@ def _run_local(
     cols = plan.grid[1]
     tiles = [plan.tiles[k] for k in pending]
     index_of = {id(plan.tiles[k]): (k // cols, k % cols) for k in pending}
-    batches = list(_batches(tiles, batch_size))
+    batches = list(_groups(tiles, batch_size))
     lock = threading.Lock()  # rasterio datasets are not thread-safe
 
     def read(batch: list[Tile]) -> torch.Tensor:
